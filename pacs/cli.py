@@ -1,0 +1,119 @@
+"""`pacs serve | import | reindex | verify | stats`: parse arguments, map errors to exit codes.
+
+Exit codes: 0 success, 1 problems found (import failures, verify
+inconsistencies), 2 a bad config or command line (one line, no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pacs.config import Config, ConfigError, load, resolve_path
+from pacs.index.db import DatabaseURLError
+from pacs.filestore import StoreWriteError
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE",
+                        help="YAML config (default: $PACS_CONFIG, else config/pacs.yaml)")
+    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="overrides logging.level from the config")
+    parser = argparse.ArgumentParser(prog="pacs", description="A mini-PACS DICOM node.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", parents=[common], help="run the DICOM node until SIGTERM/SIGINT")
+    imp = sub.add_parser("import", parents=[common], help="ingest DICOM files and folders")
+    imp.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for name, text in (("reindex", "rebuild the index from the file store alone"),
+                       ("verify", "check store and index against each other"),
+                       ("stats", "counts of patients, studies, series, instances, bytes")):
+        cmd = sub.add_parser(name, parents=[common], help=text)
+        if name != "stats":
+            cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _setup_logging(config: Config, override: str | None) -> None:
+    level = override or config.logging.level
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if config.logging.file is not None:
+        from logging.handlers import RotatingFileHandler
+
+        handlers.append(RotatingFileHandler(config.logging.file, maxBytes=50 << 20, backupCount=5))
+    logging.basicConfig(level=level, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load(resolve_path(args.config))
+    except ConfigError as exc:
+        print(f"pacs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(config, args.log_level)
+    try:
+        return _run(args, config)
+    except DatabaseURLError as exc:
+        print(f"pacs: {config.source}: database.url: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreWriteError as exc:
+        print(f"pacs: {config.source}: storage.root: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        if args.command == "serve":
+            print(f"pacs: {config.source}: host/port: cannot listen on "
+                  f"{config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+def _run(args: argparse.Namespace, config: Config) -> int:
+    if args.command == "serve":
+        from pacs.node import serve
+
+        return serve(config)
+    from pacs import maintenance
+    from pacs.archive import Archive
+
+    archive = Archive(config)
+    try:
+        if args.command == "import":
+            return _import(archive, args)
+        if args.command == "reindex":
+            summary = maintenance.reindex(archive, progress=not args.no_progress)
+            for relpath, reason in summary.failed:
+                print(f"unreadable: {relpath}: {reason}")
+            print(f"reindexed {summary.indexed} instances, {len(summary.failed)} unreadable files")
+            return EXIT_OK
+        if args.command == "verify":
+            problems = maintenance.verify(archive, progress=not args.no_progress)
+            for line in problems:
+                print(line)
+            print(f"{len(problems)} problems" if problems else "store and index are consistent")
+            return EXIT_PROBLEMS if problems else EXIT_OK
+        counts = maintenance.stats()
+        for name in ("patients", "studies", "series", "instances", "bytes"):
+            print(f"{name}: {getattr(counts, name)}")
+        return EXIT_OK
+    finally:
+        archive.close()
+
+
+def _import(archive, args: argparse.Namespace) -> int:
+    from pacs import maintenance
+
+    summary = maintenance.import_paths(archive, args.paths, progress=not args.no_progress)
+    for path in summary.skipped:
+        print(f"skipped (not DICOM): {path}")
+    for path, reason in summary.failed:
+        print(f"failed: {path}: {reason}")
+    print(f"stored {summary.stored}, duplicates {summary.duplicates}, "
+          f"skipped {len(summary.skipped)} non-DICOM, failed {len(summary.failed)}")
+    return EXIT_PROBLEMS if summary.failed else EXIT_OK

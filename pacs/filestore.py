@@ -1,0 +1,189 @@
+"""The sharded file store: put, open, delete and walk files, atomically.
+
+Layout under the root (also in storage/README.md)::
+
+    <root>/ab/cd/abcdef...64 hex....dcm     one Part 10 file per SOP Instance
+    <root>/.staging/                        temporary files, never final
+
+The name is the SHA-256 of the (validated) SOP Instance UID, so no received
+string ever becomes part of a path. Two levels of 256 folders give 65,536 leaf
+folders: at 100 million instances about 1,500 files per folder.
+
+A file reaches its final name only by `rename` from the staging folder on the
+same filesystem, after an optional fsync, so a crash never leaves a partial
+file under a final name. Knows nothing of DICOM tags or the index.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+STAGING = ".staging"
+SUFFIX = ".dcm"
+
+
+class StoreWriteError(OSError):
+    """The store could not take a file (unwritable, disk full, ...)."""
+
+
+class FileStore:
+    """Files named by a hash of their key, two levels of hex folders deep."""
+
+    def __init__(self, root: Path, fsync: bool = True):
+        self.root = Path(root)
+        self.fsync = fsync
+        self.staging = self.root / STAGING
+
+    def prepare(self) -> None:
+        """Create the root and staging folders; raise StoreWriteError if impossible."""
+        try:
+            self.staging.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreWriteError(exc.errno, f"cannot create {self.staging}: {exc.strerror}") from None
+
+    def relpath(self, key: str) -> str:
+        """The file's path relative to the root, from a hash of the key."""
+        digest = hashlib.sha256(key.encode("ascii")).hexdigest()
+        return f"{digest[:2]}/{digest[2:4]}/{digest}{SUFFIX}"
+
+    def path(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    def commit(self, staged: Path, relpath: str) -> tuple[Path, int]:
+        """Move a staged file to its final name: fsync (as configured), then rename.
+
+        The staged file may live outside the root (another filesystem); it is then
+        copied into staging first. Returns the final path and its size. The folder
+        entry is made durable by :meth:`sync_dirs`, which callers batch.
+        """
+        final = self.root / relpath
+        try:
+            if not _same_device(staged, self.root):
+                staged = self.copy_in(staged)
+            if self.fsync:
+                _fsync_path(staged)
+            size = staged.stat().st_size
+            try:
+                os.rename(staged, final)
+            except FileNotFoundError:
+                if staged.exists():
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    if self.fsync:
+                        _fsync_path(final.parent.parent)
+                        _fsync_path(self.root)
+                    os.rename(staged, final)
+                else:
+                    raise
+            return final, size
+        except OSError as exc:
+            _unlink_quietly(staged)
+            raise StoreWriteError(exc.errno, f"cannot store {relpath}: {exc.strerror}") from None
+
+    def sync_dirs(self, relpaths: list[str]) -> None:
+        """fsync the folders holding these files, once each, so renames survive a crash."""
+        if not self.fsync:
+            return
+        for folder in {os.path.dirname(r) for r in relpaths}:
+            _fsync_path(self.root / folder)
+
+    def discard(self, staged: Path) -> None:
+        """Drop a staged file that will not be kept."""
+        _unlink_quietly(staged)
+
+    def copy_in(self, src: Path) -> Path:
+        """Copy a file into staging (the source is left untouched); return the copy."""
+        self.prepare()
+        try:
+            fd, name = tempfile.mkstemp(dir=self.staging, suffix=".tmp")
+            with open(src, "rb") as source, os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(source, out, 1024 * 1024)
+        except OSError as exc:
+            raise StoreWriteError(exc.errno, f"cannot copy into {self.staging}: {exc.strerror}") from None
+        return Path(name)
+
+    def exists(self, relpath: str) -> bool:
+        return (self.root / relpath).is_file()
+
+    def size(self, relpath: str) -> int | None:
+        try:
+            return (self.root / relpath).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def delete(self, relpath: str) -> None:
+        _unlink_quietly(self.root / relpath)
+
+    def walk(self) -> Iterator[str]:
+        """Every final file's path relative to the root (staging excluded)."""
+        if not self.root.is_dir():
+            return
+        for first in sorted(os.scandir(self.root), key=lambda e: e.name):
+            if first.name == STAGING or not first.is_dir():
+                continue
+            for second in sorted(os.scandir(first.path), key=lambda e: e.name):
+                if not second.is_dir():
+                    continue
+                for entry in sorted(os.scandir(second.path), key=lambda e: e.name):
+                    if entry.is_file() and entry.name.endswith(SUFFIX):
+                        yield f"{first.name}/{second.name}/{entry.name}"
+
+    def stray_files(self) -> Iterator[str]:
+        """Files under the root that are neither final nor staging (for verify)."""
+        if not self.root.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            rel = os.path.relpath(dirpath, self.root)
+            if rel == STAGING:
+                dirnames[:] = []
+                continue
+            depth = 0 if rel == "." else rel.count(os.sep) + 1
+            for name in filenames:
+                if depth != 2 or not name.endswith(SUFFIX):
+                    yield os.path.normpath(os.path.join(rel, name))
+
+    def clean_staging(self, older_than: float = 0) -> int:
+        """Remove staging files older than `older_than` seconds; return how many."""
+        if not self.staging.is_dir():
+            return 0
+        limit = time.time() - older_than
+        removed = 0
+        for entry in os.scandir(self.staging):
+            try:
+                if entry.is_file() and entry.stat().st_mtime <= limit:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+    def free_bytes(self) -> int:
+        """Free bytes available to us on the store's filesystem."""
+        target = self.root if self.root.exists() else self.root.parent
+        return shutil.disk_usage(target).free
+
+
+def _same_device(path: Path, root: Path) -> bool:
+    try:
+        return os.stat(path.parent).st_dev == os.stat(root).st_dev
+    except FileNotFoundError:
+        return False
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,32 @@
+"""DIMSE status codes we answer with, in one place (PS3.7 Annex C, PS3.4)."""
+from __future__ import annotations
+
+from pydicom import Dataset
+
+SUCCESS = 0x0000
+# PS3.4 B.2.3 Storage Service Class statuses
+OUT_OF_RESOURCES = 0xA700          # Refused: Out of Resources
+DATASET_MISMATCH = 0xA900          # Error: Data Set does not match SOP Class
+CANNOT_UNDERSTAND = 0xC000         # Error: Cannot understand
+# PS3.4 C.4.1.1.4 / C.4.2.1.5 / C.4.3.1.4 Query/Retrieve statuses
+PENDING = 0xFF00
+PENDING_WARNING = 0xFF01           # Pending: optional keys not supported
+CANCEL = 0xFE00                    # Cancel: matching/sub-operations terminated
+UNABLE_TO_PROCESS = 0xC001         # Failed: Unable to process (C-FIND/C-MOVE/C-GET)
+IDENTIFIER_MISMATCH = 0xA900       # Failed: Identifier does not match SOP Class
+MOVE_DESTINATION_UNKNOWN = 0xA801  # Refused: Move Destination unknown
+SUBOPS_OUT_OF_RESOURCES = 0xA702   # Refused: Out of Resources - unable to perform sub-operations
+SUBOPS_WARNING = 0xB000            # Warning: sub-operations complete, one or more failures
+# PS3.7 C.5 general statuses
+NOT_AUTHORIZED = 0x0124            # Refused: Not authorized
+
+ERROR_COMMENT_MAX = 64             # ErrorComment is LO
+
+
+def status(code: int, comment: str | None = None) -> Dataset:
+    """A status dataset; the ErrorComment is cut to fit its LO VR."""
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment.replace("\\", "/")[:ERROR_COMMENT_MAX]
+    return ds
