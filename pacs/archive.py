@@ -14,9 +14,10 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from peewee import PeeweeException
+from pydicom import Dataset
 
 from pacs.committer import GroupCommitter
 from pacs.config import Config
@@ -25,7 +26,8 @@ from pacs.header import InvalidInstance, check_identity, read_header
 from pacs.index.db import close_database, open_database
 from pacs.index.models import Instance
 from pacs.index.records import InstanceRecord, build_record
-from pacs.index.writer import write_batch
+from pacs.index.selection import Match, find_instances, select_matches
+from pacs.index.writer import IndexWriter
 
 log = logging.getLogger(__name__)
 _LOCK_STRIPES = 64
@@ -56,18 +58,18 @@ class Archive:
         self.store = FileStore(config.storage.root, fsync=config.storage.fsync)
         self.store.prepare()
         self.db = open_database(config.database.url, durable=config.storage.fsync)
+        self._writer = IndexWriter()
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._committer: GroupCommitter[tuple[InstanceRecord, str]] = GroupCommitter(
             self._commit
         )
 
     def close(self) -> None:
-        self._committer.close(timeout=60)
         close_database()
 
     def _commit(self, items: Sequence[tuple[InstanceRecord, str]]) -> None:
         self.store.sync_dirs([relpath for _, relpath in items])
-        write_batch(record for record, _ in items)
+        self._writer.write(record for record, _ in items)
 
     def _lock_for(self, sop_uid: str) -> threading.Lock:
         digest = hashlib.blake2b(sop_uid.encode(), digest_size=2).digest()
@@ -93,8 +95,10 @@ class Archive:
         sop_uid = uids[0]
         relpath = self.store.relpath(sop_uid)
         with self._lock_for(sop_uid):
-            existed = self._indexed(sop_uid)
-            if existed and self.config.storage.on_duplicate == "keep" and self.store.exists(relpath):
+            # The name is the UID's, so a stat finds duplicates; only then ask the index,
+            # as a crash before the commit can leave a file without its row.
+            existed = self.store.exists(relpath) and self._indexed(sop_uid)
+            if existed and self.config.storage.on_duplicate == "keep":
                 if owned:
                     self.store.discard(path)
                 return Ingested(sop_uid, Outcome.DUPLICATE, 0)
@@ -106,7 +110,7 @@ class Archive:
             record = build_record(header.dataset, uids, header.transfer_syntax, relpath, size,
                                   header.blob)
             try:
-                self._committer.submit((record, relpath)).result()
+                self._committer.commit((record, relpath))
             except PeeweeException as exc:
                 raise OutOfResources(f"index unavailable: {exc}") from None
         return Ingested(sop_uid, Outcome.REPLACED if existed else Outcome.STORED, size)
@@ -116,6 +120,29 @@ class Archive:
             return Instance.select().where(Instance.sop_uid == sop_uid).exists()
         except PeeweeException as exc:
             raise OutOfResources(f"index unavailable: {exc}") from None
+
+    def select(self, identifier: Dataset, root: str) -> list[Match]:
+        """The instances a C-MOVE/C-GET identifier names (raises SelectionError, OutOfResources)."""
+        try:
+            return select_matches(identifier, root)
+        except PeeweeException as exc:
+            raise OutOfResources(f"index unavailable: {exc}") from None
+
+    def file_path(self, relpath: str) -> Path:
+        """Where an indexed instance's file is (it may have vanished since)."""
+        return self.store.path(relpath)
+
+    def held(self, sop_uids: Iterable[str]) -> dict[str, Match]:
+        """The instances among these that are indexed and whose file has the recorded size.
+
+        What Storage Commitment promises: the archive can send them back.
+        """
+        try:
+            found = find_instances(sop_uids)
+        except PeeweeException as exc:
+            raise OutOfResources(f"index unavailable: {exc}") from None
+        return {uid: match for uid, match in found.items()
+                if self.store.size(match.relpath) == match.size}
 
 
 __all__ = ["Archive", "Ingested", "InvalidInstance", "Outcome", "OutOfResources"]

@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="overrides logging.level from the config")
     parser = argparse.ArgumentParser(prog="pacs", description="A mini-PACS DICOM node.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", parents=[common], help="run the DICOM node until SIGTERM/SIGINT")
+    serve = sub.add_parser("serve", parents=[common], help="run the DICOM node until SIGTERM/SIGINT")
+    serve.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     imp = sub.add_parser("import", parents=[common], help="ingest DICOM files and folders")
     imp.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -39,12 +40,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(config: Config, override: str | None) -> None:
+    """Log to stderr and, if configured, a rotating file; ConfigError if that cannot be opened."""
     level = override or config.logging.level
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if config.logging.file is not None:
         from logging.handlers import RotatingFileHandler
 
-        handlers.append(RotatingFileHandler(config.logging.file, maxBytes=50 << 20, backupCount=5))
+        try:
+            config.logging.file.parent.mkdir(parents=True, exist_ok=True)
+            handlers.append(RotatingFileHandler(config.logging.file, maxBytes=50 << 20,
+                                                backupCount=5))
+        except OSError as exc:
+            raise ConfigError(f"{config.source}: logging.file: cannot open {config.logging.file}: "
+                              f"{exc.strerror or exc}") from None
     logging.basicConfig(level=level, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
@@ -54,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load(resolve_path(args.config))
+        _setup_logging(config, args.log_level)
     except ConfigError as exc:
         print(f"pacs: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    _setup_logging(config, args.log_level)
     try:
         return _run(args, config)
     except DatabaseURLError as exc:
@@ -76,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, config: Config) -> int:
     if args.command == "serve":
-        from pacs.node import serve
-
-        return serve(config)
+        return _serve(args, config)
     from pacs import maintenance
     from pacs.archive import Archive
 
@@ -104,6 +110,23 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
     finally:
         archive.close()
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    from pacs.node import clean_staging, serve
+    from pacs.supervisor import supervise, worker_count
+
+    count = worker_count(config)
+    if args.worker_fd is not None or count == 1:
+        return serve(config, channel_fd=args.worker_fd)
+    # Create the schema and clear staging once, before any worker can race on them.
+    from pacs.archive import Archive
+
+    archive = Archive(config)
+    clean_staging(archive)
+    archive.close()
+    extra = ["--log-level", args.log_level] if args.log_level else []
+    return supervise(config, count, extra)
 
 
 def _import(archive, args: argparse.Namespace) -> int:

@@ -59,6 +59,7 @@ class NetworkConfig:
     acse_timeout: float = 30
     dimse_timeout: float = 60
     network_timeout: float = 60
+    workers: int = 0  # processes serving associations; 0 = one per core, at most 4
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ _CHOICES = {
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
 _NON_NEGATIVE = {
-    "storage.min_free_bytes", "query.max_results", "network.max_pdu",
+    "storage.min_free_bytes", "query.max_results", "network.max_pdu", "network.workers",
 }
 _POSITIVE = {
     "network.max_associations", "network.acse_timeout",

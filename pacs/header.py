@@ -114,8 +114,9 @@ def check_uid(name: str, value: object) -> str:
     if not text:
         raise InvalidInstance(f"{name} is missing")
     if not UID(text).is_valid:
+        # The problem first: the ErrorComment (LO) keeps only 64 characters.
         shown = text if len(text) <= 80 and text.isprintable() else repr(text[:80])
-        raise InvalidInstance(f"{name} {shown} is not a valid UID (PS3.5 9.1)")
+        raise InvalidInstance(f"{name} is not a valid UID (PS3.5 9.1): {shown}")
     return text
 
 
@@ -131,7 +132,7 @@ def check_identity(ds: Dataset, affected_sop_instance: str | None) -> tuple[str,
     series = check_uid("SeriesInstanceUID (0020,000E)", ds.get("SeriesInstanceUID"))
     if affected_sop_instance is not None and sop_instance != affected_sop_instance.rstrip("\x00 "):
         raise InvalidInstance(
-            f"SOPInstanceUID {sop_instance} differs from the request's "
-            f"Affected SOP Instance UID {affected_sop_instance}"
+            f"SOPInstanceUID does not match the Affected SOP Instance UID: "
+            f"data set {sop_instance}, request {affected_sop_instance}"
         )
     return sop_instance, sop_class, study, series

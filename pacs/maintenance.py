@@ -67,7 +67,7 @@ def import_paths(archive: Archive, paths: list[Path], progress: bool = True) -> 
         except (InvalidInstance, OutOfResources) as exc:
             summary.failed.append((path, str(exc)))
             continue
-        if result.outcome is Outcome.DUPLICATE:
+        if result.outcome in (Outcome.DUPLICATE, Outcome.REPLACED):
             summary.duplicates += 1
         else:
             summary.stored += 1

@@ -5,41 +5,42 @@ Knows nothing of SQL or the file layout: every service goes through the archive.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
-import tempfile
 import threading
 import time
-from typing import Callable
 
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, _config, evt
-from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification, _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.archive import Archive
 from pacs.config import Config
+from pacs.services import dispatch
+from pacs.services.commitment import handle_commitment
 from pacs.services.echo import handle_echo
-from pacs.services.store import handle_store
+from pacs.services.get import handle_get
+from pacs.services.move import handle_move
+from pacs.services.retrieve import RETRIEVE_CLASSES
+from pacs.supervisor import start_channel_server
+from pacs.transport import tune_connection
+from pacs.services.store import (
+    discard_partial, handle_store, open_receive_file, receive_into,
+)
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 30
 SWEEP_EVERY_S = 300
 
 # Receive C-STORE data into a file rather than memory: flat RSS for any size,
-# and the file becomes the stored file by rename (no copy, no decode).
+# and the file becomes the stored file by rename (no copy, no decode). The
+# file is ours (ReceiveFile): it lands in the store's staging folder, so the
+# rename stays on one filesystem, and a disk error becomes a 0xA700 answer
+# instead of an exception that kills pynetdicom's network thread.
 _config.STORE_RECV_CHUNKED_DATASET = True
-
-
-def set_nodelay(event: Event) -> None:
-    """Turn Nagle off: request/response round trips otherwise stall ~40 ms (FIELD-NOTES)."""
-    sock = getattr(event.assoc.dul.socket, "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+dimse_messages.NamedTemporaryFile = open_receive_file
 
 
 def build_ae(config: Config) -> AE:
@@ -54,8 +55,13 @@ def build_ae(config: Config) -> AE:
     ae.require_called_aet = config.security.require_called_ae
     ae.add_supported_context(Verification)
     # Compressed syntaxes are accepted and stored as received, never transcoded.
+    # Both roles: a C-GET requester takes the SCP role for storage (PS3.7 D.3.3.4).
     for uid in _STORAGE_CLASSES.values():
-        ae.add_supported_context(uid, AllTransferSyntaxes)
+        ae.add_supported_context(uid, AllTransferSyntaxes, scu_role=True, scp_role=True)
+    for uid in RETRIEVE_CLASSES:
+        ae.add_supported_context(uid)
+    ae.add_supported_context(StorageCommitmentPushModel)
+    dispatch.enable(ae)
     return ae
 
 
@@ -77,23 +83,29 @@ class Node:
 
     def handlers(self) -> list[tuple]:
         return [
-            (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_CONN_OPEN, tune_connection),
+            (evt.EVT_CONN_CLOSE, discard_partial),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.archive]),
+            (evt.EVT_C_MOVE, handle_move, [self.archive, self.config]),
+            (evt.EVT_C_GET, handle_get, [self.archive]),
+            (evt.EVT_N_ACTION, handle_commitment, [self.archive, self.config]),
         ]
 
-    def start(self) -> None:
-        # pynetdicom names its receive files through `tempfile`: put them in the
-        # store's staging folder so the final rename stays on one filesystem.
-        tempfile.tempdir = str(self.archive.store.staging)
-        removed = self.archive.store.clean_staging()
-        if removed:
-            log.info("removed %d stray temporary files from an earlier run", removed)
-        self.server = self.ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=self.handlers()
-        )
+    def start(self, channel: socket.socket | None = None) -> None:
+        """Listen on the configured port, or serve what a supervisor hands over `channel`."""
+        receive_into(self.archive.store.staging)
+        if channel is not None:
+            # A worker: the supervisor listens, and cleaned staging before any worker started.
+            self.server = start_channel_server(self.ae, channel, self.handlers())
+            log.info("worker %d serving %s", os.getpid(), self.config.ae_title)
+        else:
+            clean_staging(self.archive)
+            self.server = self.ae.start_server(
+                (self.config.host, self.config.port), block=False, evt_handlers=self.handlers()
+            )
+            log.info("%s listening on %s:%d", self.config.ae_title, self.config.host, self.port)
         threading.Thread(target=self._sweep, name="staging-sweeper", daemon=True).start()
-        log.info("%s listening on %s:%d", self.config.ae_title, self.config.host, self.port)
 
     def _sweep(self) -> None:
         """Drop receive files left by aborted associations, once they are surely dead."""
@@ -115,19 +127,31 @@ class Node:
         for assoc in server.active_associations:
             log.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
             assoc.abort()
+        receive_into(None)
 
 
-def serve(config: Config, ready: Callable[[Node], None] | None = None) -> int:
-    """Run the node in the foreground until SIGTERM or SIGINT; return the exit code."""
+def clean_staging(archive: Archive) -> None:
+    """Remove receive files of a previous run (only while no association can be running)."""
+    removed = archive.store.clean_staging()
+    if removed:
+        log.info("removed %d stray temporary files from an earlier run", removed)
+
+
+def serve(config: Config, channel_fd: int | None = None) -> int:
+    """Run the node in the foreground until SIGTERM or SIGINT; return the exit code.
+
+    With `channel_fd` it is a worker of :mod:`pacs.supervisor` and takes its
+    connections from that socket instead of listening itself.
+    """
     archive = Archive(config)
     node = Node(config, archive)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    node.start()
-    if ready:
-        ready(node)
-    stop.wait()
+    channel = socket.socket(fileno=channel_fd) if channel_fd is not None else None
+    node.start(channel)
+    while not stop.wait(1.0):
+        pass
     log.info("stopping: no new associations, waiting up to %ds for running ones", STOP_GRACE_S)
     node.stop()
     archive.close()

@@ -15,10 +15,17 @@ CANCEL = 0xFE00                    # Cancel: matching/sub-operations terminated
 UNABLE_TO_PROCESS = 0xC001         # Failed: Unable to process (C-FIND/C-MOVE/C-GET)
 IDENTIFIER_MISMATCH = 0xA900       # Failed: Identifier does not match SOP Class
 MOVE_DESTINATION_UNKNOWN = 0xA801  # Refused: Move Destination unknown
+MATCHES_OUT_OF_RESOURCES = 0xA701  # Refused: Out of Resources - unable to calculate number of matches
 SUBOPS_OUT_OF_RESOURCES = 0xA702   # Refused: Out of Resources - unable to perform sub-operations
 SUBOPS_WARNING = 0xB000            # Warning: sub-operations complete, one or more failures
 # PS3.7 C.5 general statuses
 NOT_AUTHORIZED = 0x0124            # Refused: Not authorized
+# PS3.7 10.1.4.1.10 N-ACTION statuses, also Failure Reasons in PS3.4 J.3.3.1.1
+PROCESSING_FAILURE = 0x0110        # Processing failure
+NO_SUCH_OBJECT_INSTANCE = 0x0112   # No such object instance
+CLASS_INSTANCE_CONFLICT = 0x0119   # Class-instance conflict
+MISSING_ATTRIBUTE = 0x0120         # Missing attribute
+NO_SUCH_ACTION = 0x0123            # No such action type
 
 ERROR_COMMENT_MAX = 64             # ErrorComment is LO
 

@@ -5,21 +5,28 @@
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Mapping
 
 import pytest
 import yaml
+from pydicom import Dataset
 from pynetdicom import AE
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification
 
 from pacs.archive import Archive
-from pacs.config import load
+from pacs.config import Config, load
+from pacs.index.db import close_database, open_database
+from pacs.index.models import Instance, Patient, Series, Study
 from pacs.node import Node
 
 DCMTK = Path("/usr/bin")
@@ -42,6 +49,7 @@ def write_config(folder: Path, **overrides: object) -> Path:
         "storage": {"root": "data/store", "fsync": False, "min_free_bytes": 0},
         "database": {"url": "sqlite:///data/index.sqlite"},
         "remote_aes": {},
+        "network": {"workers": 1},  # one process; tests/test_workers.py covers several
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -59,15 +67,26 @@ class RunningNode:
     def __init__(self, config_path: Path):
         self.config_path = config_path
         self.config = load(config_path)
+        self._start()
+
+    def _start(self) -> None:
         self.archive = Archive(self.config)
         self.node = Node(self.config, self.archive)
         self.node.start()
         self.port = self.node.port
         self.ae_title = self.config.ae_title
+        self.running = True
 
     def stop(self) -> None:
-        self.node.stop(grace=5)
-        self.archive.close()
+        if self.running:
+            self.running = False
+            self.node.stop(grace=5)
+            self.archive.close()
+
+    def restart(self) -> None:
+        """Stop, then start a new archive and node on the same config (as a restart does)."""
+        self.stop()
+        self._start()
 
 
 @pytest.fixture
@@ -105,10 +124,27 @@ def associate(node, contexts=(Verification,), ae_title: str = "TESTSCU", **kwarg
     return assoc
 
 
+def send_datasets(node, datasets: list[Dataset], **kwargs) -> list[Dataset]:
+    """C-STORE each dataset on one association; return the response status datasets.
+
+    Each (SOP class, transfer syntax) pair of the datasets is proposed alone, so
+    the data goes on the wire exactly as encoded in that syntax.
+    """
+    pairs = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets})
+    contexts = [(sop_class, [syntax]) for sop_class, syntax in pairs]
+    assoc = associate(node, contexts=contexts, **kwargs)
+    try:
+        return [assoc.send_c_store(ds) for ds in datasets]
+    finally:
+        assoc.release()
+
+
 class ServeProcess:
     """`pacs serve` in a subprocess; ready once C-ECHO succeeds."""
 
-    def __init__(self, config_path: Path, extra_env: dict | None = None):
+    def __init__(self, config_path: Path, extra_env: dict | None = None,
+                 prefix: tuple[str, ...] = ()):
+        """`prefix` goes before the command, e.g. a wrapper that drops privileges."""
         self.config_path = config_path
         self.config = load(config_path)
         self.port = self.config.port
@@ -116,7 +152,7 @@ class ServeProcess:
         env = {**os.environ, **(extra_env or {})}
         self.log = open(config_path.parent / "serve.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pacs", "serve", "--config", str(config_path)],
+            [*prefix, sys.executable, "-m", "pacs", "serve", "--config", str(config_path)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         self._wait_ready()
@@ -157,13 +193,13 @@ class ServeProcess:
 
 @pytest.fixture
 def serve_process(tmp_path):
-    """Factory: serve_process(**config overrides) -> ServeProcess, stopped at teardown."""
+    """Factory: serve_process(prefix=(), **config overrides) -> ServeProcess, killed at teardown."""
     started = []
 
-    def start(**overrides):
+    def start(prefix: tuple[str, ...] = (), **overrides):
         folder = tmp_path / f"proc{len(started)}"
         folder.mkdir()
-        proc = ServeProcess(write_config(folder, **overrides))
+        proc = ServeProcess(write_config(folder, **overrides), prefix=prefix)
         started.append(proc)
         return proc
 
@@ -172,11 +208,100 @@ def serve_process(tmp_path):
         proc.kill()
 
 
-def run_pacs(*args: str, config: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run the `pacs` CLI (as `python -m pacs`) and capture its output."""
+def run_pacs(*args: str, config: Path | None = None, timeout: float = 120, cwd: Path | None = None,
+             env: Mapping[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """Run the `pacs` CLI (as `python -m pacs`) and capture its output.
+
+    `env` changes this process's environment for the run; a None value removes the variable.
+    """
     cmd = [sys.executable, "-m", "pacs", *args]
     if config is not None:
         cmd += ["--config", str(config)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    environ = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            environ.pop(key, None)
+        else:
+            environ[key] = value
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=environ)
+
+
+def stored_path(config: Config, sop_uid: str) -> Path:
+    """Where the layout contract puts an instance: root/ab/cd/<sha256(uid)>.dcm."""
+    digest = hashlib.sha256(sop_uid.encode("ascii")).hexdigest()
+    return config.storage.root / digest[:2] / digest[2:4] / f"{digest}.dcm"
+
+
+def store_files(config: Config) -> set[Path]:
+    """Every file under the store root except the staging folder."""
+    staging = config.storage.root / ".staging"
+    return {p for p in config.storage.root.rglob("*") if p.is_file() and staging not in p.parents}
+
+
+def staging_files(config: Config) -> list[Path]:
+    staging = config.storage.root / ".staging"
+    return list(staging.iterdir()) if staging.is_dir() else []
+
+
+def delete_index(config: Config) -> None:
+    """Delete a SQLite index with its WAL files; the store stays."""
+    database = Path(config.database.url.removeprefix("sqlite:///"))
+    for path in database.parent.glob(database.name + "*"):
+        path.unlink()
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """A Part 10 file's bytes after its file meta: the dataset as it was sent."""
+    _, offset = split_dataset(path)
+    return path.read_bytes()[offset:]
+
+
+class AnnouncedDataset(Dataset):
+    """A dataset that tells pynetdicom's SCU another SOP Instance UID than the one it encodes.
+
+    pynetdicom takes the request's Affected SOP Instance UID from `SOPInstanceUID`;
+    this client-side trick sends a mismatching or missing UID in the data set.
+    """
+
+    def __init__(self, ds: Dataset, announced: str):
+        super().__init__(ds)
+        self.file_meta = ds.file_meta
+        self._announced = announced
+
+    @property
+    def SOPInstanceUID(self) -> str:  # noqa: N802 - the DICOM keyword
+        return self._announced
+
+    def __contains__(self, name: object) -> bool:
+        return name == "SOPInstanceUID" or super().__contains__(name)
+
+
+@contextmanager
+def open_index(config_path: Path) -> Iterator[None]:
+    """Connect the index models to a config's database (no in-process node may be running)."""
+    open_database(load(config_path).database.url, durable=False)
+    try:
+        yield
+    finally:
+        close_database()
+
+
+def index_snapshot() -> dict[str, set[tuple]]:
+    """Every row of the open index by UIDs and counters, comparable across rebuilds."""
+    return {
+        "patients": set(Patient.select(
+            Patient.patient_id, Patient.issuer, Patient.patient_name, Patient.num_studies,
+            Patient.num_series, Patient.num_instances).tuples()),
+        "studies": set(Study.select(
+            Study.study_uid, Patient.patient_id, Patient.issuer, Study.modalities,
+            Study.sop_classes, Study.num_series, Study.num_instances).join(Patient).tuples()),
+        "series": set(Series.select(
+            Series.series_uid, Study.study_uid, Series.modality, Series.num_instances,
+        ).join(Study).tuples()),
+        "instances": set(Instance.select(
+            Instance.sop_uid, Series.series_uid, Instance.path, Instance.size,
+            Instance.transfer_syntax).join(Series).tuples()),
+    }
 
 

@@ -39,6 +39,11 @@ class InstanceRecord:
     series: dict[str, Any]
     instance: dict[str, Any]
 
+    INSTANCE_FIELDS = (
+        "sop_uid", "sop_class_uid", "instance_number", "content_date", "content_time", "rows",
+        "columns", "number_of_frames", "transfer_syntax", "path", "size", "received_at", "header",
+    )
+
     @property
     def sop_uid(self) -> str:
         return self.instance["sop_uid"]

@@ -1,0 +1,177 @@
+"""What C-MOVE and C-GET share: identifier -> instances -> sub-operations -> responses.
+
+The handlers run in the requesting association's own thread (see
+`services.dispatch`) and write every C-MOVE-RSP/C-GET-RSP on its socket through
+`pdata.PDataWriter`: C-GET must, because its C-STORE sub-operations go over the
+same socket and nothing may be interleaved with them; C-MOVE does too, so both
+answer the same way. Response rules (PS3.4 C.4.2.1.5, C.4.2.3.1, C.4.3.1.4):
+pending responses carry the four sub-operation counts, at least every
+PENDING_EVERY instances or PENDING_INTERVAL_S; the final response is Success,
+Warning 0xB000 when some failed or warned, 0xA702 when all failed, Cancel 0xFE00
+after C-CANCEL, each with the Failed SOP Instance UID List when not Success.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from io import BytesIO
+from typing import Callable
+
+from pydicom import Dataset
+from pydicom.uid import UID
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dsutils import encode
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from pacs.archive import Archive, OutOfResources
+from pacs.index.selection import PATIENT_ROOT, STUDY_ROOT, Match, SelectionError
+from pacs.pdata import PDataWriter
+from pacs.sender import Sender, Tally
+from pacs.statuses import (
+    CANCEL, ERROR_COMMENT_MAX, IDENTIFIER_MISMATCH, MATCHES_OUT_OF_RESOURCES, PENDING,
+    SUBOPS_OUT_OF_RESOURCES, SUBOPS_WARNING, SUCCESS, UNABLE_TO_PROCESS,
+)
+
+log = logging.getLogger(__name__)
+PENDING_EVERY = 10
+PENDING_INTERVAL_S = 1.0
+MAX_SUBOPERATIONS = 65535  # the counts are US (PS3.7 C.4.2.1.5 note)
+ROOTS = {
+    PatientRootQueryRetrieveInformationModelMove: PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelGet: PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelMove: STUDY_ROOT,
+    StudyRootQueryRetrieveInformationModelGet: STUDY_ROOT,
+}
+RETRIEVE_CLASSES = tuple(ROOTS)
+
+Deliver = Callable[[Sender, list[Match]], None]
+
+
+def requester_writer(assoc: Association) -> PDataWriter:
+    """A writer on the requester's socket; pynetdicom's DUL thread still reads it."""
+    return PDataWriter(assoc.dul.socket.socket, assoc.dimse.maximum_pdu_size)
+
+
+class Responder:
+    """The responses to one C-MOVE or C-GET request."""
+
+    def __init__(self, event: Event, writer: PDataWriter):
+        self._event = event
+        self._writer = writer
+        self._since = 0
+        self._last = time.monotonic()
+        self.gone = False  # the requester's connection failed: stop working for it
+
+    def progress(self, tally: Tally) -> None:
+        """After each sub-operation: a pending response when one is due."""
+        self._since += 1
+        due = self._since >= PENDING_EVERY or time.monotonic() - self._last >= PENDING_INTERVAL_S
+        if tally.remaining and due:
+            self._send(PENDING, tally=tally)
+
+    def finish(self, sender: Sender) -> None:
+        tally = sender.tally
+        if sender.cancelled:
+            code, comment = CANCEL, ""
+        elif not tally.failed and not tally.warning:
+            code, comment = SUCCESS, ""
+        elif not tally.completed and not tally.warning:
+            code = SUBOPS_OUT_OF_RESOURCES
+            comment = sender.problem or f"all {tally.failed} sub-operations failed"
+        else:
+            code, comment = SUBOPS_WARNING, sender.problem
+        self._send(code, comment, tally)
+
+    def fail(self, code: int, comment: str) -> None:
+        """A final failure before any sub-operation."""
+        log.warning("%s from %s refused (0x%04X): %s", self.kind, self.caller, code, comment)
+        self._send(code, comment)
+
+    @property
+    def kind(self) -> str:
+        return "C-MOVE" if isinstance(self._event.request, C_MOVE) else "C-GET"
+
+    @property
+    def caller(self) -> str:
+        return self._event.assoc.requestor.ae_title
+
+    def _send(self, code: int, comment: str = "", tally: Tally | None = None) -> None:
+        request = self._event.request
+        rsp = C_MOVE() if isinstance(request, C_MOVE) else C_GET()
+        rsp.MessageIDBeingRespondedTo = request.MessageID
+        rsp.AffectedSOPClassUID = request.AffectedSOPClassUID
+        rsp.Status = code
+        if comment:
+            rsp.ErrorComment = comment.replace("\\", "/")[:ERROR_COMMENT_MAX]
+        identifier = None
+        if tally is not None:
+            if code in (PENDING, CANCEL):
+                rsp.NumberOfRemainingSuboperations = tally.remaining
+            rsp.NumberOfCompletedSuboperations = tally.completed
+            rsp.NumberOfFailedSuboperations = tally.failed
+            rsp.NumberOfWarningSuboperations = tally.warning
+            if code not in (PENDING, SUCCESS):
+                identifier = self._failed_list(tally.failed_uids)
+        if identifier is not None:
+            rsp.Identifier = BytesIO(identifier)  # marks the command: a data set follows
+        message = C_MOVE_RSP() if isinstance(request, C_MOVE) else C_GET_RSP()
+        message.primitive_to_message(rsp)
+        command = encode(message.command_set, True, True)
+        try:
+            self._writer.send(self._event.context.context_id, command, identifier)
+        except OSError as exc:
+            if not self.gone:
+                log.warning("%s from %s: cannot answer (%s); stopping", self.kind, self.caller, exc)
+            self.gone = True
+        self._since, self._last = 0, time.monotonic()
+
+    def _failed_list(self, uids: list[str]) -> bytes:
+        ds = Dataset()
+        ds.FailedSOPInstanceUIDList = uids
+        syntax = UID(self._event.context.transfer_syntax)
+        return encode(ds, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+
+
+def serve_retrieve(event: Event, archive: Archive, responder: Responder, deliver: Deliver) -> None:
+    """Select the instances the identifier names, let `deliver` send them, answer."""
+    try:
+        _serve(event, archive, responder, deliver)
+    except Exception as exc:  # keep the association usable and the requester informed
+        log.exception("retrieve failed")
+        responder.fail(UNABLE_TO_PROCESS, f"internal error: {exc}")
+
+
+def _serve(event: Event, archive: Archive, responder: Responder, deliver: Deliver) -> None:
+    try:
+        identifier = event.identifier
+    except Exception as exc:
+        responder.fail(IDENTIFIER_MISMATCH, f"cannot decode the identifier: {exc}")
+        return
+    try:
+        matches = archive.select(identifier, ROOTS[event.request.AffectedSOPClassUID])
+    except SelectionError as exc:
+        responder.fail(IDENTIFIER_MISMATCH, str(exc))
+        return
+    except OutOfResources as exc:
+        responder.fail(MATCHES_OUT_OF_RESOURCES, str(exc))
+        return
+    if len(matches) > MAX_SUBOPERATIONS:
+        responder.fail(SUBOPS_OUT_OF_RESOURCES,
+                       f"{len(matches)} instances; at most {MAX_SUBOPERATIONS} per request")
+        return
+    sender = Sender(len(matches), archive.file_path, responder.progress,
+                    lambda: responder.gone or event.is_cancelled)
+    if matches:
+        deliver(sender, matches)
+    log.info("%s from %s: %d completed, %d failed, %d warning%s", responder.kind,
+             responder.caller, sender.tally.completed, sender.tally.failed,
+             sender.tally.warning, " (cancelled)" if sender.cancelled else "")
+    responder.finish(sender)

@@ -1,0 +1,198 @@
+"""Several worker processes behind one listening port, for more than one core.
+
+pynetdicom runs every association as Python threads in one process, so one
+process never uses more than one core (the GIL): parallel modalities would
+queue behind each other. `pacs serve` with `network.workers` > 1 therefore
+runs a supervisor that owns the listening socket, accepts each connection and
+hands the socket (SCM_RIGHTS) to the worker with the fewest open associations;
+each worker is a full node (archive, index connection, all services).
+Workers report each closed association back over the same channel. A worker
+that dies is restarted. dcmqrscp forks per association and Orthanc runs a
+thread pool; this keeps pynetdicom and stays within a few processes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pacs.config import Config
+
+log = logging.getLogger(__name__)
+CLOSED = b"c"           # worker -> supervisor: one association ended
+HANDOFF = b"h"          # supervisor -> worker: here is a connection
+STOP_GRACE_S = 40
+
+
+def worker_count(config: Config) -> int:
+    """`network.workers`, where 0 means one per CPU core (at most 4)."""
+    wanted = config.network.workers
+    return wanted if wanted > 0 else max(1, min(os.cpu_count() or 1, 4))
+
+
+class ChannelServer(ThreadedAssociationServer):
+    """A pynetdicom server that takes connections from the supervisor's channel.
+
+    Instead of binding and accepting, it waits on the channel socket and
+    receives already-accepted connections; pynetdicom handles them as usual.
+    """
+
+    channel: socket.socket
+
+    def server_bind(self) -> None:
+        self.socket.close()
+        self.socket = self.channel
+
+    def server_activate(self) -> None:
+        """The supervisor listens; nothing to do here."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        _, fds, _, _ = socket.recv_fds(self.channel, 16, 1)
+        if not fds:
+            # The supervisor is gone: stop this worker gracefully, as on SIGTERM.
+            log.error("supervisor channel closed; stopping worker %d", os.getpid())
+            os.kill(os.getpid(), signal.SIGTERM)
+            self.channel.close()
+            raise OSError("supervisor channel closed")
+        client = socket.socket(fileno=fds[0])
+        client.setblocking(True)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True)
+        return client, client.getpeername()
+
+    def report_closed(self, _event: object = None) -> None:
+        """EVT_CONN_CLOSE handler: tell the supervisor a slot is free."""
+        try:
+            self.channel.send(CLOSED)
+        except OSError:
+            pass
+
+
+def start_channel_server(ae: AE, channel: socket.socket, handlers: list) -> ChannelServer:
+    """Serve connections arriving on `channel` in a background thread."""
+    # The address is never bound (server_bind is replaced); pynetdicom only wants one.
+    server_class = type("BoundChannelServer", (ChannelServer,), {"channel": channel})
+    server = ae.make_server(("127.0.0.1", 0), evt_handlers=handlers, server_class=server_class)
+    server.bind(evt.EVT_CONN_CLOSE, server.report_closed)
+    threading.Thread(target=server.serve_forever, name="channel-server", daemon=True).start()
+    ae._servers.append(server)  # so server.shutdown() can deregister it, as start_server does
+    return server
+
+
+class _Worker:
+    def __init__(self, index: int, config_path: Path, extra_args: list[str]):
+        self.index = index
+        self.channel, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.active = 0
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pacs", "serve", "--config", str(config_path),
+             "--worker-fd", str(child.fileno()), *extra_args],
+            pass_fds=[child.fileno()],
+        )
+        child.close()
+        log.info("worker %d started (pid %d)", index, self.proc.pid)
+
+
+def supervise(config: Config, count: int, extra_args: list[str]) -> int:
+    """Listen, hand connections to `count` workers, stop them all on SIGTERM/SIGINT."""
+    assert config.source is not None
+    listener = socket.create_server((config.host, config.port), backlog=128)
+    listener.setblocking(False)
+    wake_r, wake_w = socket.socketpair()
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+        wake_w.send(b"x")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    workers = [_Worker(i, config.source, extra_args) for i in range(count)]
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ, "accept")
+    selector.register(wake_r, selectors.EVENT_READ, "wake")
+    for worker in workers:
+        selector.register(worker.channel, selectors.EVENT_READ, worker)
+    log.info("%s listening on %s:%d with %d workers", config.ae_title, config.host,
+             config.port, count)
+    while not stopping.is_set():
+        for key, _ in selector.select(timeout=1.0):
+            if key.data == "accept":
+                _hand_off(listener, workers)
+            elif isinstance(key.data, _Worker):
+                _read_reports(key.data, selector, workers, config.source, extra_args)
+        for worker in list(workers):
+            if worker.proc.poll() is not None:
+                _restart(worker, selector, workers, config.source, extra_args)
+    selector.close()
+    listener.close()
+    return _stop_workers(workers)
+
+
+def _hand_off(listener: socket.socket, workers: list[_Worker]) -> None:
+    try:
+        conn, _ = listener.accept()
+    except BlockingIOError:
+        return
+    with conn:
+        for worker in sorted(workers, key=lambda w: w.active):
+            try:
+                socket.send_fds(worker.channel, [HANDOFF], [conn.fileno()])
+            except OSError:
+                continue
+            worker.active += 1
+            return
+    log.error("no worker could take a connection; closed it")
+
+
+def _read_reports(worker: _Worker, selector: selectors.BaseSelector, workers: list[_Worker],
+                  source: Path, extra_args: list[str]) -> None:
+    try:
+        data = worker.channel.recv(4096)
+    except OSError:
+        data = b""
+    if data:
+        worker.active = max(0, worker.active - data.count(CLOSED))
+    else:
+        worker.proc.wait()
+        _restart(worker, selector, workers, source, extra_args)
+
+
+def _restart(worker: _Worker, selector: selectors.BaseSelector, workers: list[_Worker],
+             source: Path, extra_args: list[str]) -> None:
+    log.error("worker %d (pid %d) exited with %s; restarting it", worker.index,
+              worker.proc.pid, worker.proc.poll())
+    selector.unregister(worker.channel)
+    worker.channel.close()
+    time.sleep(0.5)  # do not spin if it keeps dying
+    fresh = _Worker(worker.index, source, extra_args)
+    workers[workers.index(worker)] = fresh
+    selector.register(fresh.channel, selectors.EVENT_READ, fresh)
+
+
+def _stop_workers(workers: list[_Worker]) -> int:
+    log.info("stopping %d workers", len(workers))
+    for worker in workers:
+        if worker.proc.poll() is None:
+            worker.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    codes = []
+    for worker in workers:
+        try:
+            codes.append(worker.proc.wait(max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            log.error("worker %d did not stop in time; killing it", worker.index)
+            worker.proc.kill()
+            codes.append(worker.proc.wait())
+        worker.channel.close()
+    return 0 if all(code == 0 for code in codes) else 1

@@ -1,0 +1,182 @@
+"""C-ECHO and C-STORE through the real protocol: files on disk, index rows, counters."""
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import Verification
+
+from pacs.index.models import Instance, Patient, Series, Study
+from tests.conftest import (
+    DCMTK, associate, dataset_bytes, delete_index, needs_dcmtk, send_datasets, store_files,
+    stored_path,
+)
+from tests.dicomgen import CT, make_instance, make_study, write
+
+
+def sent_bytes(ds: pydicom.Dataset) -> bytes:
+    """What pynetdicom puts on the wire for an Explicit VR Little Endian dataset."""
+    return encode(ds, False, True)
+
+
+def storescu(node, files: list[Path], *options: str) -> subprocess.CompletedProcess:
+    """DCMTK's storescu (the absolute path: a bare `storescu` may be pynetdicom's)."""
+    return subprocess.run([str(DCMTK / "storescu"), "-aec", node.ae_title, *options, "127.0.0.1",
+                           str(node.port), *map(str, files)], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_echo(node):
+    assoc = associate(node, contexts=(Verification,))
+    status = assoc.send_c_echo()
+    assoc.release()
+    assert status.Status == 0
+
+
+def test_store_files_rows_and_counters(node):
+    datasets = make_study(series=2, per_series=3)
+    assert [s.Status for s in send_datasets(node, datasets)] == [0] * 6
+
+    assert store_files(node.config) == {stored_path(node.config, ds.SOPInstanceUID)
+                                        for ds in datasets}
+    for ds in datasets:
+        path = stored_path(node.config, ds.SOPInstanceUID)
+        assert dataset_bytes(path) == sent_bytes(ds)
+        row = Instance.get(Instance.sop_uid == ds.SOPInstanceUID)
+        assert (row.sop_class_uid, row.transfer_syntax, row.size) == (
+            CT, "1.2.840.10008.1.2.1", path.stat().st_size)
+        assert node.config.storage.root / row.path == path
+        assert (row.series.series_uid, row.instance_number) == (ds.SeriesInstanceUID,
+                                                                str(ds.InstanceNumber))
+
+    patient = Patient.get()
+    assert (patient.patient_id, patient.patient_name, patient.num_studies, patient.num_series,
+            patient.num_instances) == ("PID1", "DOE^JOHN", 1, 2, 6)
+    study = Study.get()
+    assert (study.study_uid, study.patient_id, study.modalities, study.sop_classes,
+            study.num_series, study.num_instances) == (
+        datasets[0].StudyInstanceUID, patient.id, "\\CT\\", f"\\{CT}\\", 2, 6)
+    assert {(s.series_uid, s.num_instances) for s in Series.select()} == {
+        (ds.SeriesInstanceUID, 3) for ds in datasets}
+
+
+@needs_dcmtk
+def test_store_with_dcmtk_storescu(node, tmp_path):
+    datasets = make_study(tmp_path / "in", series=1, per_series=3)
+    files = sorted((tmp_path / "in").rglob("*.dcm"))
+    result = storescu(node, files)
+    assert result.returncode == 0, result.stderr
+    for path in files:
+        sop_uid = pydicom.dcmread(path).SOPInstanceUID
+        assert dataset_bytes(stored_path(node.config, sop_uid)) == dataset_bytes(path)
+    assert {i.sop_uid for i in Instance.select()} == {ds.SOPInstanceUID for ds in datasets}
+    assert Series.get().num_instances == 3
+
+
+@needs_dcmtk
+@pytest.mark.parametrize("tool, option, syntax", [
+    (["dcmcjpeg", "+e1"], "-xs", "1.2.840.10008.1.2.4.70"),  # JPEG Lossless SV1
+    (["dcmcrle"], "-xr", "1.2.840.10008.1.2.5"),             # RLE Lossless
+])
+def test_compressed_stored_as_received(node, tmp_path, tool, option, syntax):
+    plain = write(make_instance(rows=64, cols=64), tmp_path / "plain.dcm")
+    packed = tmp_path / "packed.dcm"
+    subprocess.run([str(DCMTK / tool[0]), *tool[1:], str(plain), str(packed)], check=True)
+    sent = pydicom.dcmread(packed)
+    assert sent.file_meta.TransferSyntaxUID == syntax
+
+    result = storescu(node, [packed], option)
+    assert result.returncode == 0, result.stderr
+
+    stored = stored_path(node.config, sent.SOPInstanceUID)
+    kept = pydicom.dcmread(stored)
+    assert kept.file_meta.TransferSyntaxUID == syntax
+    assert kept.PixelData == sent.PixelData
+    assert dataset_bytes(stored) == dataset_bytes(packed)
+    assert Instance.get().transfer_syntax == syntax
+
+
+@pytest.mark.parametrize("on_duplicate, winner_index", [("replace", 1), ("keep", 0)])
+def test_duplicate_sop_instance(make_node, on_duplicate, winner_index):
+    node = make_node(storage={"on_duplicate": on_duplicate})
+    first = make_instance(number=1)
+    second = make_instance(number=2, sop=first.SOPInstanceUID)
+    assert [s.Status for s in send_datasets(node, [first, second])] == [0, 0]
+
+    winner = (first, second)[winner_index]
+    assert dataset_bytes(stored_path(node.config, first.SOPInstanceUID)) == sent_bytes(winner)
+    assert len(store_files(node.config)) == 1
+    row = Instance.get()
+    assert (Instance.select().count(), row.instance_number) == (1, str(winner.InstanceNumber))
+    assert (Series.get().num_instances, Study.get().num_instances,
+            Patient.get().num_instances) == (1, 1, 1)
+
+
+def test_keep_still_indexes_a_file_without_row(make_node):
+    """A retry indexes a file left without its row (a crash before the commit), even with keep."""
+    node = make_node(storage={"on_duplicate": "keep"})
+    ds = make_instance()
+    assert send_datasets(node, [ds])[0].Status == 0
+    node.stop()
+    delete_index(node.config)
+    node.restart()
+    assert Instance.select().count() == 0
+
+    assert send_datasets(node, [ds])[0].Status == 0
+    assert [i.sop_uid for i in Instance.select()] == [ds.SOPInstanceUID]
+    assert Series.get().num_instances == 1
+    assert store_files(node.config) == {stored_path(node.config, ds.SOPInstanceUID)}
+
+
+def test_patients_keyed_by_id_and_issuer(node, caplog):
+    datasets = [
+        make_instance(patient_id="P1", study="1.2.3.1", IssuerOfPatientID="HOSP_A"),
+        make_instance(patient_id="P1", study="1.2.3.2", IssuerOfPatientID="HOSP_B"),
+        make_instance(patient_id="P1", study="1.2.3.3", IssuerOfPatientID="HOSP_A",
+                      patient_name="DOE^JANE"),
+    ]
+    with caplog.at_level(logging.WARNING, logger="pacs"):
+        assert [s.Status for s in send_datasets(node, datasets)] == [0, 0, 0]
+
+    patients = {(p.patient_id, p.issuer): p for p in Patient.select()}
+    assert set(patients) == {("P1", "HOSP_A"), ("P1", "HOSP_B")}
+    hosp_a = patients["P1", "HOSP_A"]
+    assert (hosp_a.patient_name, hosp_a.num_studies, hosp_a.num_instances) == ("DOE^JOHN", 2, 2)
+    assert patients["P1", "HOSP_B"].num_studies == 1
+    assert Instance.select().count() == 3
+    assert any("patient_name differs" in r.getMessage() and "DOE^JANE" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("charset, name, encoded", [
+    ("ISO_IR 100", "Müller^Jürgen", "Müller".encode("latin-1")),
+    ("ISO_IR 192", "Παπαδόπουλος^Γιώργος", "Παπαδόπουλος".encode()),
+    ("ISO_IR 192", "山田^太郎", "山田".encode()),
+])
+def test_non_ascii_names_stored_decoded(node, charset, name, encoded):
+    ds = make_instance(patient_name=name, charset=charset)
+    assert send_datasets(node, [ds])[0].Status == 0
+    assert encoded in dataset_bytes(stored_path(node.config, ds.SOPInstanceUID))
+    patient = Patient.get()
+    assert (patient.patient_name, patient.patient_name_fold) == (name, name.casefold())
+
+
+def test_restart_keeps_rows_and_files(make_node):
+    node = make_node()
+    before = make_study(series=1, per_series=2)
+    assert [s.Status for s in send_datasets(node, before)] == [0, 0]
+    files = store_files(node.config)
+
+    node.restart()
+    assert store_files(node.config) == files
+    assert {i.sop_uid for i in Instance.select()} == {ds.SOPInstanceUID for ds in before}
+
+    after = make_instance(study=before[0].StudyInstanceUID, series=before[0].SeriesInstanceUID,
+                          number=3)
+    assert send_datasets(node, [after])[0].Status == 0
+    assert (Series.get().num_instances, Study.get().num_instances) == (3, 3)
+    assert len(store_files(node.config)) == 3
