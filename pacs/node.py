@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification, _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
@@ -31,6 +31,11 @@ from pacs.services.store import (
 )
 
 log = logging.getLogger(__name__)
+# pynetdicom accepts the first of these the requester also proposed. Explicit VR
+# Little Endian first (pydicom lists Implicit first), as DCMTK does: peers that
+# offer both then need no conversion, and files come back by C-GET as stored.
+STORAGE_SYNTAXES = [ExplicitVRLittleEndian] + [
+    uid for uid in AllTransferSyntaxes if uid != ExplicitVRLittleEndian]
 STOP_GRACE_S = 30
 SWEEP_EVERY_S = 300
 
@@ -57,7 +62,7 @@ def build_ae(config: Config) -> AE:
     # Compressed syntaxes are accepted and stored as received, never transcoded.
     # Both roles: a C-GET requester takes the SCP role for storage (PS3.7 D.3.3.4).
     for uid in _STORAGE_CLASSES.values():
-        ae.add_supported_context(uid, AllTransferSyntaxes, scu_role=True, scp_role=True)
+        ae.add_supported_context(uid, STORAGE_SYNTAXES, scu_role=True, scp_role=True)
     for uid in RETRIEVE_CLASSES:
         ae.add_supported_context(uid)
     ae.add_supported_context(StorageCommitmentPushModel)

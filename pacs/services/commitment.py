@@ -3,8 +3,8 @@
 N-ACTION "Request Storage Commitment" (action type 1) is answered first; then
 every referenced instance is checked: in the index, and its file on disk with
 the recorded size. The N-EVENT-REPORT (event type 1: all committed, 2: some
-failed, PS3.4 J.3.3) goes on the same association when it is still open, else on
-a new association to the requester's `remote_aes` entry, proposing the SCP role
+failed, PS3.4 J.3.3) goes on the same association when it is still open a moment
+after the response, else on a new association to the requester's `remote_aes` entry, proposing the SCP role
 (PS3.4 J.3.3), as dcm4chee does. That new association is opened from another
 thread so the requester's release is answered meanwhile.
 """
@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from pydicom import Dataset
 from pynetdicom import AE, build_role
 from pynetdicom.dimse_primitives import N_ACTION
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from pacs.archive import Archive, OutOfResources
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 PUSH_MODEL_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP Instance (PS3.4 J.3.5)
 REQUEST_COMMITMENT = 1  # Action Type ID (PS3.4 J.3.2)
 ALL_COMMITTED, SOME_FAILED = 1, 2  # Event Type IDs (PS3.4 J.3.3)
+RELEASE_GRACE_S = 0.2
+_CLOSING = (A_RELEASE, A_ABORT, A_P_ABORT)  # peeked, left for pynetdicom's reactor to act on
 
 
 class BadRequest(Exception):
@@ -138,10 +142,20 @@ def handle_commitment(event: Event, archive: Archive, config: Config) -> None:
 
 
 def _report_here(event: Event, event_type: int, report: Dataset) -> bool:
-    """Send the report on the requester's association if it is still open and usable."""
+    """Send the report on the requester's association if it stays open for RELEASE_GRACE_S.
+
+    A modality that wants the report on a new association releases right after
+    the N-ACTION response; the grace lets that release arrive first, so the
+    report does not cross it.
+    """
     assoc = event.assoc
-    if not assoc.is_established or assoc.acse.is_release_requested() or assoc.acse.is_aborted():
-        return False
+    deadline = time.monotonic() + RELEASE_GRACE_S
+    while True:
+        if not assoc.is_established or isinstance(assoc.dul.peek_next_pdu(), _CLOSING):
+            return False
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.005)
     status, _ = assoc.send_n_event_report(report, event_type, StorageCommitmentPushModel,
                                           PUSH_MODEL_INSTANCE)
     return _delivered(status, assoc.requestor.ae_title, "the same association")
