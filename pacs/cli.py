@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 from pacs.config import Config, ConfigError, load, resolve_path
 from pacs.index.db import DatabaseURLError
@@ -66,8 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pacs: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    return _guarded(args, config, lambda: _run(args, config))
+
+
+def _guarded(args: argparse.Namespace, config: Config, work: Callable[[], int]) -> int:
+    """Run `work`, turning the config's environment problems into one line and exit 2."""
     try:
-        return _run(args, config)
+        return work()
     except DatabaseURLError as exc:
         print(f"pacs: {config.source}: database.url: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -113,20 +119,30 @@ def _run(args: argparse.Namespace, config: Config) -> int:
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
-    from pacs.node import clean_staging, serve
-    from pacs.supervisor import supervise, worker_count
+    from pacs.supervisor import run_in_child, supervise, worker_count
 
     count = worker_count(config)
     if args.worker_fd is not None or count == 1:
+        from pacs.node import serve
+
         return serve(config, channel_fd=args.worker_fd)
-    # Create the schema and clear staging once, before any worker can race on them.
+    # Create the schema and clear staging once, before any worker can race on
+    # them, in a child: the supervisor itself never loads pydicom (~40 MB).
+    code = run_in_child(lambda: _guarded(args, config, lambda: _prepare(config)))
+    if code:
+        return code
+    extra = ["--log-level", args.log_level] if args.log_level else []
+    return supervise(config, count, extra)
+
+
+def _prepare(config: Config) -> int:
     from pacs.archive import Archive
+    from pacs.node import clean_staging
 
     archive = Archive(config)
     clean_staging(archive)
     archive.close()
-    extra = ["--log-level", args.log_level] if args.log_level else []
-    return supervise(config, count, extra)
+    return EXIT_OK
 
 
 def _import(archive, args: argparse.Namespace) -> int:

@@ -21,10 +21,11 @@ from pacs.config import Config
 from pacs.services import dispatch
 from pacs.services.commitment import handle_commitment
 from pacs.services.echo import handle_echo
+from pacs.services.find import FIND_CLASSES, handle_find
 from pacs.services.get import handle_get
 from pacs.services.move import handle_move
 from pacs.services.retrieve import RETRIEVE_CLASSES
-from pacs.supervisor import start_channel_server
+from pacs.handoff import start_channel_server
 from pacs.transport import tune_connection
 from pacs.services.store import (
     discard_partial, handle_store, open_receive_file, receive_into,
@@ -63,7 +64,7 @@ def build_ae(config: Config) -> AE:
     # Both roles: a C-GET requester takes the SCP role for storage (PS3.7 D.3.3.4).
     for uid in _STORAGE_CLASSES.values():
         ae.add_supported_context(uid, STORAGE_SYNTAXES, scu_role=True, scp_role=True)
-    for uid in RETRIEVE_CLASSES:
+    for uid in FIND_CLASSES + RETRIEVE_CLASSES:
         ae.add_supported_context(uid)
     ae.add_supported_context(StorageCommitmentPushModel)
     dispatch.enable(ae)
@@ -92,6 +93,7 @@ class Node:
             (evt.EVT_CONN_CLOSE, discard_partial),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.archive]),
+            (evt.EVT_C_FIND, handle_find, [self.archive]),
             (evt.EVT_C_MOVE, handle_move, [self.archive, self.config]),
             (evt.EVT_C_GET, handle_get, [self.archive]),
             (evt.EVT_N_ACTION, handle_commitment, [self.archive, self.config]),

@@ -2,68 +2,93 @@
 
 Why not pynetdicom's DIMSE provider for sub-operations: its DUL thread passes every
 PDU through two queues and a polling loop with 1 ms sleeps, which caps a C-STORE
-stream in 16 KB PDUs near 150 MB/s on loopback, while DCMTK peers move ~385 MB/s.
-Here the calling thread frames a file's bytes into P-DATA-TF PDUs in a reusable
-buffer and sends them with one `sendall` per block: ~1 GB/s, flat memory. Command
-sets are built by hand too: microseconds, where a pydicom Dataset costs ~0.3 ms.
+stream in 16 KB PDUs near 150 MB/s on loopback, where DCMTK-based peers move
+400-900 MB/s. Here the calling thread frames a file's bytes into P-DATA-TF PDUs
+in a reusable buffer and sends them with one `sendall` per block: ~1 GB/s, flat
+memory. Command sets are built by hand too: microseconds, where pydicom takes ~0.3 ms.
 """
 from __future__ import annotations
 
+import os
 import socket
 import struct
-from typing import BinaryIO
+from dataclasses import dataclass
 
 P_DATA = 0x04
 COMMAND, LAST = 0x01, 0x02  # message control header bits (PS3.8 E.2)
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
+DATA_SET, NO_DATA_SET = 0x0000, 0x0101  # Command Data Set Type (PS3.7 E.1)
 _HEADER = struct.Struct(">BBIIBB")  # PDU type, reserved, PDU length, PDV length, context, flags
 _BLOCK = 1 << 20  # bytes framed per sendall
 _UNLIMITED_FRAGMENT = 1 << 20  # fragment size when the peer sets no PDU limit
+_IOV_MAX = 1024  # Linux's limit on buffers per preadv
 _PRIORITY_LOW = 2  # as pynetdicom and DCMTK send it
 
 
+@dataclass(frozen=True)
+class FileRegion:
+    """`length` bytes of an open file from `offset`: data sent without reading it into objects."""
+
+    fd: int
+    offset: int
+    length: int
+
+
 class PDataWriter:
-    """Frames messages into P-DATA-TF PDUs no longer than the peer's maximum."""
+    """Frames messages into P-DATA-TF PDUs no longer than the peer's maximum.
+
+    A block of PDUs is assembled in one buffer: the 12-byte headers are packed
+    in place and file data is read straight between them with one `preadv`.
+    """
 
     def __init__(self, sock: socket.socket, peer_max_pdu: int):
         self._sock = sock
-        self._fragment = peer_max_pdu - 6 if peer_max_pdu else _UNLIMITED_FRAGMENT
-        frames = max(1, _BLOCK // (self._fragment + _HEADER.size))
-        self._buffer = bytearray(frames * (self._fragment + _HEADER.size))
+        self._fragment = max(peer_max_pdu - 6, 1) if peer_max_pdu else _UNLIMITED_FRAGMENT
+        # PDUs per block: ~1 MB, and no more file slots than one preadv takes
+        self._frames = max(1, min(_BLOCK // (self._fragment + _HEADER.size), _IOV_MAX))
+        self._buffer = bytearray(self._frames * (self._fragment + _HEADER.size))
 
-    def send(self, context_id: int, command: bytes, data: BinaryIO | bytes | None = None,
-             length: int = 0) -> None:
-        """Send a command set and, if given, `length` bytes of data set from a file or bytes.
+    def send(self, context_id: int, command: bytes, data: bytes | FileRegion | None = None) -> None:
+        """Send a command set and, if given, its data set.
 
         Raises OSError when the connection fails, EOFError when a file is short.
         """
-        self._send(context_id, COMMAND, memoryview(command), len(command))
-        if isinstance(data, bytes):
-            self._send(context_id, 0, memoryview(data), len(data))
-        elif data is not None:
-            self._send(context_id, 0, data, length)
+        self._send(context_id, COMMAND, command)
+        if data is not None:
+            self._send(context_id, 0, data)
 
-    def _send(self, context_id: int, flags: int, source, length: int) -> None:
-        buf, view = self._buffer, memoryview(self._buffer)
-        remaining, offset = length, 0
+    def _send(self, context_id: int, flags: int, data: bytes | FileRegion) -> None:
+        in_file = isinstance(data, FileRegion)
+        total = data.length if in_file else len(data)
+        offset = data.offset if in_file else 0
+        fragment = self._fragment
+        full = _HEADER.pack(P_DATA, 0, fragment + 6, fragment + 2, context_id, flags)
+        view = memoryview(self._buffer)
+        done = 0
         while True:
-            pos = 0
-            while pos + _HEADER.size + min(self._fragment, remaining) <= len(buf):
-                size = min(self._fragment, remaining)
-                remaining -= size
-                _HEADER.pack_into(buf, pos, P_DATA, 0, size + 6, size + 2, context_id,
-                                  flags | (LAST if not remaining else 0))
-                start = pos + _HEADER.size
-                if isinstance(source, memoryview):
-                    view[start:start + size] = source[offset:offset + size]
-                    offset += size
-                elif source.readinto(view[start:start + size]) != size:
-                    raise EOFError("the file is shorter than its size said")
-                pos = start + size
-                if not remaining:
+            pos, slots = 0, []
+            for _ in range(self._frames):
+                size = fragment if done + fragment < total else total - done
+                done += size
+                if done < total:  # most PDUs: full size, not the last
+                    view[pos:pos + _HEADER.size] = full
+                else:
+                    _HEADER.pack_into(view, pos, P_DATA, 0, size + 6, size + 2, context_id,
+                                      flags | LAST)
+                start, pos = pos + _HEADER.size, pos + _HEADER.size + size
+                if in_file:
+                    slots.append(view[start:pos])
+                else:
+                    view[start:pos] = data[done - size:done]
+                if done == total:
                     break
+            if slots:
+                wanted = sum(map(len, slots))
+                if os.preadv(data.fd, slots, offset) != wanted:
+                    raise EOFError("the file is shorter than its size said")
+                offset += wanted
             self._sock.sendall(view[:pos])
-            if not remaining:
+            if done == total:
                 return
 
 
@@ -71,31 +96,39 @@ def _element(tag: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0, tag, len(value)) + value
 
 
-def _uid(value: str) -> bytes:
-    raw = value.encode("ascii")
+def us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def ui(value: str) -> bytes:
+    raw = str(value).encode("ascii")
     return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def text(value: str) -> bytes:
+    """An AE or LO value: default character repertoire, padded with a space."""
+    raw = value.encode("ascii", "replace")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def command_set(elements: dict[int, bytes]) -> bytes:
+    """Encode group 0000 elements (element number -> encoded value) with their group length."""
+    body = b"".join(_element(tag, value) for tag, value in sorted(elements.items()))
+    return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
 def store_command(msg_id: int, sop_class: str, sop_uid: str,
                   originator: tuple[str, int] | None = None) -> bytes:
-    """A C-STORE-RQ command set in Implicit VR Little Endian (PS3.7 9.3.1.1).
+    """A C-STORE-RQ command set (PS3.7 9.3.1.1).
 
     `originator` is the C-MOVE requester's (AE title, Message ID) for sub-operations.
     """
-    body = [
-        _element(0x0002, _uid(sop_class)),
-        _element(0x0100, struct.pack("<H", C_STORE_RQ)),
-        _element(0x0110, struct.pack("<H", msg_id)),
-        _element(0x0700, struct.pack("<H", _PRIORITY_LOW)),
-        _element(0x0800, struct.pack("<H", 0x0000)),  # a data set follows
-        _element(0x1000, _uid(sop_uid)),
-    ]
+    elements = {0x0002: ui(sop_class), 0x0100: us(C_STORE_RQ), 0x0110: us(msg_id),
+                0x0700: us(_PRIORITY_LOW), 0x0800: us(DATA_SET), 0x1000: ui(sop_uid)}
     if originator is not None:
-        title = originator[0].encode("ascii")
-        body.append(_element(0x1030, title + b" " * (len(title) % 2)))
-        body.append(_element(0x1031, struct.pack("<H", originator[1])))
-    joined = b"".join(body)
-    return _element(0x0000, struct.pack("<I", len(joined))) + joined
+        elements[0x1030] = text(originator[0])
+        elements[0x1031] = us(originator[1])
+    return command_set(elements)
 
 
 class Command(dict):

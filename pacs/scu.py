@@ -11,7 +11,7 @@ import logging
 import socket
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable
+from typing import Iterable
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -24,7 +24,8 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext
 
 from pacs.pdata import (
-    C_STORE_RSP, P_DATA, PDataWriter, command_fragments, parse_command, read_pdu, store_command,
+    C_STORE_RSP, P_DATA, Command, FileRegion, PDataWriter, command_fragments, parse_command, read_pdu,
+    store_command,
 )
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,9 @@ class StoreAssociation:
         self.accepted = accepted  # (SOP class, transfer syntax) -> presentation context ID
         self.open = True
 
-    def store(self, context_id: int, sop_class: str, sop_uid: str, data: BinaryIO | bytes,
-              length: int) -> Response:
-        """Send one C-STORE-RQ whose data set is `data` (bytes, or `length` bytes of a file).
+    def store(self, context_id: int, sop_class: str, sop_uid: str,
+              data: bytes | FileRegion) -> Response:
+        """Send one C-STORE-RQ with its data set.
 
         Raises ConnectionLost; the association is then closed.
         """
@@ -80,17 +81,18 @@ class StoreAssociation:
         msg_id = self._msg_id
         command = store_command(msg_id, sop_class, sop_uid, self._originator)
         try:
-            self._writer.send(context_id, command, data, length)
+            self._writer.send(context_id, command, data)
             answer = self._read_command()
         except (OSError, EOFError) as exc:
             self.abort()
             raise ConnectionLost(str(exc) or type(exc).__name__) from None
-        if answer.us(0x0100) != C_STORE_RSP or answer.us(0x0120) != msg_id:
+        status = answer.us(0x0900)
+        if answer.us(0x0100) != C_STORE_RSP or answer.us(0x0120) != msg_id or status is None:
             self.abort()
-            raise ConnectionLost("the answer is not the C-STORE-RSP to our request")
-        return Response(answer.us(0x0900) or 0, answer.text(0x0902))
+            raise ConnectionLost("the answer is not a C-STORE-RSP to our request")
+        return Response(status, answer.text(0x0902))
 
-    def _read_command(self):
+    def _read_command(self) -> Command:
         fragments = []
         while True:
             kind, body = read_pdu(self._sock)

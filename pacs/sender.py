@@ -7,8 +7,8 @@ and failure rules are the same (PS3.4 C.4.2.3, C.4.3.3).
 A file goes out exactly as stored when the destination accepted its transfer
 syntax: its bytes after the file meta are streamed, never decoded. Otherwise it
 is read whole and re-encoded in an accepted uncompressed syntax, decompressed
-first by pydicom's pixel-data plugins when it is compressed (as Orthanc and
-dcmqrscp do). An instance no accepted context can carry is counted as failed and
+first by pydicom's pixel-data plugins when it is compressed (Orthanc transcodes
+likewise). An instance no accepted context can carry is counted as failed and
 never sent; so is one whose file is gone or that no codec can decode.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Mapping, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -27,6 +27,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pacs.index.selection import Match
+from pacs.pdata import FileRegion
 from pacs.scu import MAX_CONTEXTS, ConnectionLost, Proposal, Response
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 # What a file is converted to when its own syntax was not accepted, in order of preference.
 CONVERSION_TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _WARNING_STATUSES = {0x0001, 0x0107, 0x0116}  # PS3.7 C.4: the warnings outside 0xBxxx
+_META_START = 132  # after the 128-byte preamble and "DICM" (PS3.10 7.1)
+_GROUP_LENGTH_UL4 = b"\x02\x00\x00\x00UL\x04\x00"  # (0002,0000) UL, length 4, explicit VR LE
 
 
 class Channel(Protocol):
@@ -41,8 +44,8 @@ class Channel(Protocol):
 
     accepted: Mapping[tuple[str, str], int]  # (SOP class, transfer syntax) -> context ID
 
-    def store(self, context_id: int, sop_class: str, sop_uid: str, data: BinaryIO | bytes,
-              length: int) -> Response:
+    def store(self, context_id: int, sop_class: str, sop_uid: str,
+              data: bytes | FileRegion) -> Response:
         """One C-STORE; raises ConnectionLost when the association is gone."""
 
 
@@ -99,12 +102,20 @@ def choose_context(accepted: Mapping[tuple[str, str], int], match: Match) -> tup
     return None
 
 
-def dataset_offset(fp: BinaryIO) -> int:
-    """Skip a Part 10 file's preamble and file meta; return where the data set starts."""
-    read_preamble(fp, False)
-    read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
-                 stop_when=lambda tag, vr, length: tag.group != 2)
-    return fp.tell()
+def dataset_offset(fd: int) -> int:
+    """Where a Part 10 file's data set starts, after its preamble and file meta.
+
+    Usually read from the File Meta Information Group Length that follows
+    "DICM"; pydicom walks the meta elements when that element is absent.
+    """
+    head = os.pread(fd, _META_START + 12, 0)
+    if head[128:132] == b"DICM" and head[_META_START:_META_START + 8] == _GROUP_LENGTH_UL4:
+        return _META_START + 12 + int.from_bytes(head[_META_START + 8:], "little")
+    with open(fd, "rb", closefd=False) as fp:
+        read_preamble(fp, False)
+        read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                     stop_when=lambda tag, vr, length: tag.group != 2)
+        return fp.tell()
 
 
 def encode_as(path: Path, syntax: str) -> bytes:
@@ -185,13 +196,16 @@ class Sender:
         context_id, syntax = choice
         path = self._locate(match.relpath)
         if syntax == match.transfer_syntax:
-            with open(path, "rb") as fp:
-                offset = dataset_offset(fp)
-                length = os.fstat(fp.fileno()).st_size - offset
-                response = channel.store(context_id, match.sop_class_uid, match.sop_uid, fp, length)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                offset = dataset_offset(fd)
+                region = FileRegion(fd, offset, os.fstat(fd).st_size - offset)
+                response = channel.store(context_id, match.sop_class_uid, match.sop_uid, region)
+            finally:
+                os.close(fd)
         else:
             data = encode_as(path, syntax)
-            response = channel.store(context_id, match.sop_class_uid, match.sop_uid, data, len(data))
+            response = channel.store(context_id, match.sop_class_uid, match.sop_uid, data)
         result = outcome(response.status)
         if result != "completed":
             log.warning("C-STORE of %s answered 0x%04X %s", match.sop_uid, response.status,

@@ -30,10 +30,15 @@ NO_SUCH_ACTION = 0x0123            # No such action type
 ERROR_COMMENT_MAX = 64             # ErrorComment is LO
 
 
+def error_comment(text: str) -> str:
+    """Text made fit for ErrorComment: an LO value has no backslash and at most 64 chars."""
+    return text.replace("\\", "/")[:ERROR_COMMENT_MAX]
+
+
 def status(code: int, comment: str | None = None) -> Dataset:
-    """A status dataset; the ErrorComment is cut to fit its LO VR."""
+    """A status dataset with an ErrorComment that fits its VR."""
     ds = Dataset()
     ds.Status = code
     if comment:
-        ds.ErrorComment = comment.replace("\\", "/")[:ERROR_COMMENT_MAX]
+        ds.ErrorComment = error_comment(comment)
     return ds

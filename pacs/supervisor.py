@@ -22,9 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-from pynetdicom import AE, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from typing import Callable
 
 from pacs.config import Config
 
@@ -34,59 +32,26 @@ HANDOFF = b"h"          # supervisor -> worker: here is a connection
 STOP_GRACE_S = 40
 
 
+def run_in_child(work: Callable[[], int]) -> int:
+    """Run `work` in a forked child and return its exit code (the parent stays small)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = work()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
 def worker_count(config: Config) -> int:
     """`network.workers`, where 0 means one per CPU core (at most 4)."""
     wanted = config.network.workers
     return wanted if wanted > 0 else max(1, min(os.cpu_count() or 1, 4))
-
-
-class ChannelServer(ThreadedAssociationServer):
-    """A pynetdicom server that takes connections from the supervisor's channel.
-
-    Instead of binding and accepting, it waits on the channel socket and
-    receives already-accepted connections; pynetdicom handles them as usual.
-    """
-
-    channel: socket.socket
-
-    def server_bind(self) -> None:
-        self.socket.close()
-        self.socket = self.channel
-
-    def server_activate(self) -> None:
-        """The supervisor listens; nothing to do here."""
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        _, fds, _, _ = socket.recv_fds(self.channel, 16, 1)
-        if not fds:
-            # The supervisor is gone: stop this worker gracefully, as on SIGTERM.
-            log.error("supervisor channel closed; stopping worker %d", os.getpid())
-            os.kill(os.getpid(), signal.SIGTERM)
-            self.channel.close()
-            raise OSError("supervisor channel closed")
-        client = socket.socket(fileno=fds[0])
-        client.setblocking(True)
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True)
-        return client, client.getpeername()
-
-    def report_closed(self, _event: object = None) -> None:
-        """EVT_CONN_CLOSE handler: tell the supervisor a slot is free."""
-        try:
-            self.channel.send(CLOSED)
-        except OSError:
-            pass
-
-
-def start_channel_server(ae: AE, channel: socket.socket, handlers: list) -> ChannelServer:
-    """Serve connections arriving on `channel` in a background thread."""
-    # The address is never bound (server_bind is replaced); pynetdicom only wants one.
-    server_class = type("BoundChannelServer", (ChannelServer,), {"channel": channel})
-    server = ae.make_server(("127.0.0.1", 0), evt_handlers=handlers, server_class=server_class)
-    server.bind(evt.EVT_CONN_CLOSE, server.report_closed)
-    threading.Thread(target=server.serve_forever, name="channel-server", daemon=True).start()
-    ae._servers.append(server)  # so server.shutdown() can deregister it, as start_server does
-    return server
 
 
 class _Worker:

@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from pydicom import Dataset, dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
@@ -29,6 +28,12 @@ def store(node, datasets: list[Dataset]) -> dict[str, bytes]:
     assert [s.Status for s in statuses] == [0] * len(datasets)
     return {str(ds.SOPInstanceUID): dataset_bytes(stored_path(node.config, str(ds.SOPInstanceUID)))
             for ds in datasets}
+
+
+def fit_bits_stored(ds: Dataset) -> Dataset:
+    """Clear the pixel bits above BitsStored (12), which lossless JPEG does not keep."""
+    ds.PixelData = bytes(b & 0x0F if i % 2 else b for i, b in enumerate(ds.PixelData))
+    return ds
 
 
 def compress(ds: Dataset, folder: Path, tool: str, *args: str) -> Dataset:
@@ -121,25 +126,6 @@ class RecordingSCP:
         self.server.shutdown()
 
 
-@pytest.fixture
-def destinations(tmp_path):
-    """Factory for C-MOVE destinations, stopped at teardown: .dcmtk(*options) or .recording(**kw)."""
-    started = []
-
-    class Destinations:
-        def dcmtk(self, *options: str, ae_title: str = "DEST") -> DcmtkStoreSCP:
-            started.append(DcmtkStoreSCP(tmp_path / f"dest{len(started)}", ae_title, *options))
-            return started[-1]
-
-        def recording(self, **kwargs) -> RecordingSCP:
-            started.append(RecordingSCP(**kwargs))
-            return started[-1]
-
-    yield Destinations()
-    for dest in started:
-        dest.stop()
-
-
 def retrieve(node, identifier: Dataset, model, destination: str | None = None,
              cancel_after_pending: int | None = None, **assoc_kwargs):
     """C-MOVE (with a destination) or C-GET through pynetdicom; (pending statuses, final, identifier).
@@ -178,3 +164,15 @@ def identifier(level: str, **keys: object) -> Dataset:
     for key, value in keys.items():
         setattr(ds, key, value)
     return ds
+
+
+def counts(status: Dataset) -> tuple[int, int, int]:
+    """(completed, failed, warning) sub-operations of a C-MOVE/C-GET response."""
+    return (status.NumberOfCompletedSuboperations, status.NumberOfFailedSuboperations,
+            status.NumberOfWarningSuboperations)
+
+
+def failed_uids(identifier: Dataset) -> set[str]:
+    """The Failed SOP Instance UID List (a single value decodes as a str)."""
+    value = identifier.FailedSOPInstanceUIDList
+    return {value} if isinstance(value, str) else set(value)

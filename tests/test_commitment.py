@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from pydicom import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import N_EVENT_REPORT_RSP
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from tests.conftest import free_port, stored_path
@@ -45,12 +47,16 @@ class Modality:
             info = Dataset()
             info.TransactionUID = generate_uid()
             info.ReferencedSOPSequence = [_ref(cls, uid) for cls, uid in refs]
-        assoc = self.ae.associate("127.0.0.1", node.port, ae_title=node.ae_title,
-                                  evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report, [True])])
+        answered = threading.Event()  # our N-EVENT-REPORT-RSP is out: safe to release
+        assoc = self.ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, evt_handlers=[
+            (evt.EVT_N_EVENT_REPORT, self._on_report, [True]),
+            (evt.EVT_DIMSE_SENT, lambda event: isinstance(event.message, N_EVENT_REPORT_RSP)
+             and answered.set())])
         assert assoc.is_established
         status, _ = assoc.send_n_action(info, 1, StorageCommitmentPushModel, INSTANCE)
         if keep_open and status.Status == 0:
-            assert self.arrived.wait(10), "no N-EVENT-REPORT on the association"
+            assert answered.wait(10), "no N-EVENT-REPORT on the association"
+            time.sleep(0.05)  # pynetdicom fires EVT_DIMSE_SENT just before it queues the PDUs
         assoc.release()
         return status.Status, status.get("ErrorComment", "")
 

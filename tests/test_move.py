@@ -17,22 +17,32 @@ from pacs.maintenance import verify
 from tests.conftest import DCMTK, free_port, needs_dcmtk, stored_path
 from tests.dicomgen import make_instance, make_study, uid
 from tests.retrieve_support import (
-    compress, destinations, identifier, retrieve, store,  # noqa: F401 - fixture
+    DcmtkStoreSCP, RecordingSCP, compress, counts, failed_uids, fit_bits_stored, identifier,
+    retrieve, store,
 )
+
+
+@pytest.fixture
+def destinations(tmp_path):
+    """Factory for C-MOVE destinations, stopped at teardown: .dcmtk(*options) or .recording(**kw)."""
+    started = []
+
+    class Destinations:
+        def dcmtk(self, *options: str, ae_title: str = "DEST") -> DcmtkStoreSCP:
+            started.append(DcmtkStoreSCP(tmp_path / f"dest{len(started)}", ae_title, *options))
+            return started[-1]
+
+        def recording(self, **kwargs) -> RecordingSCP:
+            started.append(RecordingSCP(**kwargs))
+            return started[-1]
+
+    yield Destinations()
+    for dest in started:
+        dest.stop()
 
 
 def move(node, ident, dest: str = "DEST", model=StudyRootMove, **kwargs):
     return retrieve(node, ident, model, destination=dest, **kwargs)
-
-
-def counts(status) -> tuple[int, int, int]:
-    return (status.NumberOfCompletedSuboperations, status.NumberOfFailedSuboperations,
-            status.NumberOfWarningSuboperations)
-
-
-def failed_uids(ident) -> set[str]:
-    value = ident.FailedSOPInstanceUIDList
-    return {value} if isinstance(value, str) else set(value)
 
 
 def node_to(make_node, dest, **extra):
@@ -44,10 +54,9 @@ def compressed_series(tmp_path):
     """A series of 3 plain instances plus one RLE and one JPEG Lossless copy."""
     study = make_study(series=1, per_series=3)
     base = study[0]
-    extra = [make_instance(study=base.StudyInstanceUID, series=base.SeriesInstanceUID, number=n)
+    extra = [fit_bits_stored(make_instance(study=base.StudyInstanceUID,
+                                           series=base.SeriesInstanceUID, number=n))
              for n in (10, 11)]
-    for ds in extra:  # within BitsStored 12, so lossless JPEG gives back every bit
-        ds.PixelData = bytes(b & 0x0F if i % 2 else b for i, b in enumerate(ds.PixelData))
     packed = [compress(extra[0], tmp_path, "dcmcrle"),
               compress(extra[1], tmp_path, "dcmcjpeg", "+e1")]
     return study, packed, {str(ds.SOPInstanceUID): ds for ds in extra}

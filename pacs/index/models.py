@@ -38,7 +38,7 @@ class Patient(BaseModel):
     issuer = CharField(max_length=64, default="")  # IssuerOfPatientID, LO
     patient_name = CharField(max_length=324, default="", index=True)
     patient_name_fold = CharField(max_length=324, default="", index=True)
-    birth_date = CharField(max_length=8, default="")
+    birth_date = CharField(max_length=8, default="", index=True)
     sex = CharField(max_length=16, default="")
     num_studies = IntegerField(default=0)
     num_series = IntegerField(default=0)
@@ -58,7 +58,7 @@ class Study(BaseModel):
     study_id = CharField(max_length=16, default="")
     description = CharField(max_length=64, default="")
     referring_physician = CharField(max_length=324, default="")
-    referring_physician_fold = CharField(max_length=324, default="")
+    referring_physician_fold = CharField(max_length=324, default="", index=True)
     modalities = CharField(max_length=256, default="")  # "\CT\MR\"
     sop_classes = TextField(default="")  # "\1.2...\1.2...\"
     num_series = IntegerField(default=0)

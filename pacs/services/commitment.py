@@ -24,8 +24,8 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 from pacs.archive import Archive, OutOfResources
 from pacs.config import Config
 from pacs.statuses import (
-    CLASS_INSTANCE_CONFLICT, ERROR_COMMENT_MAX, MISSING_ATTRIBUTE, NO_SUCH_ACTION,
-    NO_SUCH_OBJECT_INSTANCE, PROCESSING_FAILURE, SUCCESS,
+    CLASS_INSTANCE_CONFLICT, MISSING_ATTRIBUTE, NO_SUCH_ACTION,
+    NO_SUCH_OBJECT_INSTANCE, PROCESSING_FAILURE, SUCCESS, error_comment,
 )
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ _CLOSING = (A_RELEASE, A_ABORT, A_P_ABORT)  # peeked, left for pynetdicom's reac
 
 
 class BadRequest(Exception):
+    """An N-ACTION refused with this status; the message is the ErrorComment."""
+
     def __init__(self, code: int, comment: str):
         super().__init__(comment)
         self.code = code
@@ -53,7 +55,7 @@ def _references(event: Event) -> tuple[str, list[tuple[str, str]]]:
     try:
         info = event.action_information
     except Exception as exc:
-        raise BadRequest(MISSING_ATTRIBUTE, f"cannot decode the action information: {exc}") from None
+        raise BadRequest(PROCESSING_FAILURE, f"cannot decode the action information: {exc}") from None
     transaction = str(info.get("TransactionUID", "") or "")
     if not transaction:
         raise BadRequest(MISSING_ATTRIBUTE, "TransactionUID (0008,1195) is missing")
@@ -78,7 +80,7 @@ def _respond(event: Event, code: int, comment: str = "") -> None:
     rsp.ActionTypeID = request.ActionTypeID
     rsp.Status = code
     if comment:
-        rsp.ErrorComment = comment[:ERROR_COMMENT_MAX]
+        rsp.ErrorComment = error_comment(comment)
     event.assoc.dimse.send_msg(rsp, event.context.context_id)
 
 

@@ -19,7 +19,8 @@ import weakref
 
 from pynetdicom import AE, association, evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, N_ACTION
-from pynetdicom.service_class import QueryRetrieveServiceClass
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import QueryRetrieveServiceClass, ServiceClass
 from pynetdicom.service_class_n import StorageCommitmentServiceClass
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ _ENABLED: "weakref.WeakSet[AE]" = weakref.WeakSet()
 _STOCK = association.uid_to_service_class
 
 
-def _trigger(service, event_type, req, context) -> None:
+def _trigger(service: ServiceClass, event_type: evt.InterventionEvent,
+             req: C_MOVE | C_GET | N_ACTION, context: PresentationContext) -> None:
     try:
         evt.trigger(service.assoc, event_type, {
             "request": req, "context": context.as_tuple, "_is_cancelled": service.is_cancelled,
@@ -39,7 +41,7 @@ def _trigger(service, event_type, req, context) -> None:
 class RetrieveServiceClass(QueryRetrieveServiceClass):
     """C-FIND as pynetdicom serves it; C-MOVE and C-GET by our handlers."""
 
-    def SCP(self, req, context) -> None:  # noqa: N802 - pynetdicom's name
+    def SCP(self, req, context: PresentationContext) -> None:  # noqa: N802 - pynetdicom's name
         if self.assoc.ae in _ENABLED and isinstance(req, (C_MOVE, C_GET)):
             _trigger(self, evt.EVT_C_MOVE if isinstance(req, C_MOVE) else evt.EVT_C_GET,
                      req, context)
@@ -50,14 +52,14 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
 class CommitmentServiceClass(StorageCommitmentServiceClass):
     """Storage Commitment Push Model N-ACTION by our handler."""
 
-    def SCP(self, req, context) -> None:  # noqa: N802 - pynetdicom's name
+    def SCP(self, req, context: PresentationContext) -> None:  # noqa: N802 - pynetdicom's name
         if self.assoc.ae in _ENABLED and isinstance(req, N_ACTION):
             _trigger(self, evt.EVT_N_ACTION, req, context)
         else:
             super().SCP(req, context)
 
 
-def _route(uid: str):
+def _route(uid: str) -> type[ServiceClass]:
     service = _STOCK(uid)
     if service is QueryRetrieveServiceClass:
         return RetrieveServiceClass

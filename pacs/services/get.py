@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from typing import BinaryIO
 
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from pacs.archive import Archive
-from pacs.pdata import PDataWriter, store_command
+from pacs.pdata import FileRegion, PDataWriter, store_command
 from pacs.scu import ConnectionLost, Response
 from pacs.services.retrieve import Responder, requester_writer, serve_retrieve
 
@@ -36,12 +35,11 @@ class RequesterChannel:
         self.accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): cx.context_id
                          for cx in assoc.accepted_contexts if cx.as_scu}
 
-    def store(self, context_id: int, sop_class: str, sop_uid: str, data: BinaryIO | bytes,
-              length: int) -> Response:
+    def store(self, context_id: int, sop_class: str, sop_uid: str,
+              data: bytes | FileRegion) -> Response:
         self._msg_id = self._msg_id % 0xFFFF + 1
         try:
-            self._writer.send(context_id, store_command(self._msg_id, sop_class, sop_uid),
-                              data, length)
+            self._writer.send(context_id, store_command(self._msg_id, sop_class, sop_uid), data)
         except (OSError, EOFError) as exc:
             self._assoc.abort()  # a message cut in the middle cannot be resumed
             raise ConnectionLost(str(exc) or type(exc).__name__) from None

@@ -1,0 +1,139 @@
+"""C-FIND SCP, Patient Root and Study Root (PS3.4 C.4.1): the index answers, this maps statuses.
+
+Statuses: a pending 0xFF00 per match, then Success; 0xA900 with an ErrorComment
+(and the Offending Element) when the identifier does not fit the model; 0xFE00
+once a C-CANCEL arrived; 0xA700 with an ErrorComment when `query.max_results`
+cut the matches short (after that many pending responses) or the index is
+unavailable; 0xC001 for anything unexpected, so a request always gets its answer.
+
+Pending responses are written straight to the requester's socket, as the
+retrieve services do: pynetdicom would queue each one for its DUL thread (with
+a pydicom-built command set and identifier, ~0.5 ms each) and let the query run
+ahead of a slow reader, holding every unsent match in memory. Written here, a
+response costs one `sendall` of a fixed command set and the identifier encoded
+by `Answer.encode`, and the cursor advances only as fast as the requester
+reads. The final status goes through pynetdicom, after the generator's last yield.
+"""
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Iterator
+
+from peewee import PeeweeException
+from pydicom import Dataset
+from pydicom.uid import UID
+from pynetdicom.dsutils import encode
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from pacs.archive import Archive
+from pacs.index.answer import Answer
+from pacs.index.query import Find, QueryError, QueryOptions
+from pacs.index.selection import PATIENT_ROOT, STUDY_ROOT
+from pacs.pdata import DATA_SET, command_set, ui, us
+from pacs.services.retrieve import requester_writer
+from pacs.statuses import (
+    CANCEL, IDENTIFIER_MISMATCH, OUT_OF_RESOURCES, PENDING, SUCCESS, UNABLE_TO_PROCESS, status,
+)
+
+log = logging.getLogger(__name__)
+ROOTS = {
+    PatientRootQueryRetrieveInformationModelFind: PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelFind: STUDY_ROOT,
+}
+FIND_CLASSES = tuple(ROOTS)
+C_FIND_RSP = 0x8020
+Response = tuple[Dataset | int, Dataset | None]
+
+
+class PendingWriter:
+    """Writes the pending C-FIND-RSP messages of one request on the requester's socket."""
+
+    def __init__(self, event: Event):
+        request = event.request
+        self._writer = requester_writer(event.assoc)
+        self._context_id = event.context.context_id
+        syntax = UID(event.context.transfer_syntax)
+        self._syntax = (syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+        self._by_hand = syntax.is_little_endian and not syntax.is_deflated
+        self._command = command_set({
+            0x0002: ui(request.AffectedSOPClassUID), 0x0100: us(C_FIND_RSP),
+            0x0120: us(request.MessageID), 0x0800: us(DATA_SET), 0x0900: us(PENDING),
+        })
+
+    @staticmethod
+    def usable(event: Event) -> bool:
+        """Plain TCP only: a TLS socket must not be written while the DUL thread reads it."""
+        return not isinstance(event.assoc.dul.socket.socket, ssl.SSLSocket)
+
+    def send(self, answer: Answer) -> None:
+        """Raises OSError when the connection fails, ValueError when the answer won't encode."""
+        if self._by_hand:
+            encoded = answer.encode(implicit_vr=self._syntax[0])
+        else:  # Explicit VR Big Endian or Deflated: rare enough for pydicom's pace
+            encoded = encode(answer.dataset(), *self._syntax)
+        if encoded is None:
+            raise ValueError("a response identifier cannot be encoded")
+        self._writer.send(self._context_id, self._command, encoded)
+
+
+def handle_find(event: Event, archive: Archive) -> Iterator[Response]:
+    """EVT_C_FIND: send a pending response per match, then yield the final status."""
+    caller = event.assoc.requestor.ae_title
+    try:
+        yield from _find(event, archive)
+    except OSError as exc:  # the requester's connection failed: nobody to answer
+        log.warning("C-FIND from %s: connection lost: %s", caller, exc)
+    except PeeweeException as exc:
+        log.error("C-FIND from %s: index unavailable: %s", caller, exc)
+        yield status(OUT_OF_RESOURCES, f"index unavailable: {exc}"), None
+    except Exception as exc:  # a bug: answer rather than leave the requester waiting
+        log.exception("C-FIND from %s failed", caller)
+        yield status(UNABLE_TO_PROCESS, f"internal error: {exc}"), None
+
+
+def _find(event: Event, archive: Archive) -> Iterator[Response]:
+    caller = event.assoc.requestor.ae_title
+    config = archive.config
+    try:
+        find = Find(event.identifier, ROOTS[event.request.AffectedSOPClassUID],
+                    QueryOptions(config.ae_title, config.query.case_insensitive_pn))
+    except QueryError as exc:
+        log.warning("C-FIND from %s refused (0xA900): %s", caller, exc)
+        yield _refusal(exc), None
+        return
+    except Exception as exc:  # the identifier does not even decode
+        log.warning("C-FIND from %s refused (0xA900): %s", caller, exc)
+        yield status(IDENTIFIER_MISMATCH, f"cannot decode the identifier: {exc}"), None
+        return
+    writer = PendingWriter(event) if PendingWriter.usable(event) else None
+    limit = config.query.max_results
+    count = 0
+    for answer in find.responses():
+        if event.is_cancelled:
+            log.info("C-FIND from %s cancelled after %d matches", caller, count)
+            yield CANCEL, None
+            return
+        if limit and count == limit:
+            log.info("C-FIND from %s cut at query.max_results=%d", caller, limit)
+            yield status(OUT_OF_RESOURCES,
+                         f"more than {limit} matches; only the first {limit} were sent"), None
+            return
+        count += 1
+        if writer is None:
+            yield PENDING, answer.dataset()
+        else:
+            writer.send(answer)
+    log.debug("C-FIND from %s: %d matches", caller, count)
+    yield SUCCESS, None
+
+
+def _refusal(exc: QueryError) -> Dataset:
+    answer = status(IDENTIFIER_MISMATCH, str(exc))
+    if exc.tag is not None:
+        answer.OffendingElement = [exc.tag]
+    return answer
