@@ -5,7 +5,8 @@ a loop found nothing to do, and it never sets TCP_NODELAY. Both add latency to
 every DIMSE round trip (FIELD-NOTES: Nagle + delayed ACK stall ~40 ms; the 1 ms
 poll costs ~1.4 ms per C-STORE measured with a no-op handler). We turn Nagle
 off, poll fast only while the peer is active (idle associations still cost
-next to no CPU), and read each PDU with as few recv calls as possible. Relies on pynetdicom 3.0 internals (pinned in pyproject).
+next to no CPU), and read each PDU with as few recv calls as possible.
+Relies on pynetdicom 3.0 internals (pinned in pyproject).
 """
 from __future__ import annotations
 

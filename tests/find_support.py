@@ -22,7 +22,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind as PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelFind as PATIENT_ROOT,  # noqa: F401 - for the tests
     StudyRootQueryRetrieveInformationModelFind as STUDY_ROOT,
 )
 

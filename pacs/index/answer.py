@@ -16,8 +16,9 @@ from pydicom.dataelem import DataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 
+from pacs.index.keys import SPECIFIC_CHARACTER_SET
+
 UTF8 = "ISO_IR 192"
-SPECIFIC_CHARACTER_SET = 0x00080005
 _LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR",
                               "UT", "UV"})
 Value = str | list[str] | int | None

@@ -40,10 +40,6 @@ class RequestKey:
     values: tuple[str, ...] = ()
     item: Dataset | None = None  # SQ keys: the one query item, None when empty
 
-    @property
-    def has_value(self) -> bool:
-        return bool(self.values) or (self.item is not None and len(self.item) > 0)
-
 
 def element_vr(tag: BaseTag, vr: str | None) -> str:
     """The VR of an element: as encoded, else from the dictionary (implicit VR), else UN."""

@@ -44,18 +44,18 @@ class Matcher:
         raise NotImplementedError
 
 
-def like(column: Field, pattern: str) -> Expression:
+def _like(column: Field, pattern: str) -> Expression:
     """`column LIKE pattern ESCAPE '\\'`, spelled out: peewee maps LIKE to GLOB on SQLite."""
     return NodeList((column, SQL("LIKE"), pattern, SQL("ESCAPE"), _LIKE_ESCAPE))
 
 
-def like_literal(text: str) -> str:
+def _literal(text: str) -> str:
     """`text` as a LIKE pattern that matches only itself (% and _ are data here)."""
     return re.sub(r"([\\%_])", r"\\\1", text)
 
 
-def member_pattern(inner: str) -> str:
-    return "%" + like_literal("\\") + inner + like_literal("\\") + "%"
+def _member(inner: str) -> str:
+    return "%" + _literal("\\") + inner + _literal("\\") + "%"
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Equals(Matcher):
         return column == self.value
 
     def member_condition(self, column: Field) -> Expression:
-        return like(column, member_pattern(like_literal(self.value)))
+        return _like(column, _member(_literal(self.value)))
 
     def test(self, value: str) -> bool:
         return value == self.value
@@ -84,7 +84,7 @@ class OneOf(Matcher):
         return column.in_(sorted(self.values))
 
     def member_condition(self, column: Field) -> Expression:
-        return _any(like(column, member_pattern(like_literal(v))) for v in sorted(self.values))
+        return _any(_like(column, _member(_literal(v))) for v in sorted(self.values))
 
     def test(self, value: str) -> bool:
         return value in self.values
@@ -97,14 +97,14 @@ class Pattern(Matcher):
 
     def __init__(self, pattern: str):
         self.pattern = pattern
-        self._like = like_literal(pattern).replace("*", "%").replace("?", "_")
+        self._sql_pattern = _literal(pattern).replace("*", "%").replace("?", "_")
         self._regex = re.compile(
             "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern),
             re.DOTALL,
         )
 
     def condition(self, column: Field) -> Expression:
-        expression = like(column, self._like)
+        expression = _like(column, self._sql_pattern)
         prefix = re.split(r"[*?]", self.pattern, maxsplit=1)[0]
         if prefix and isinstance(database.obj, SqliteDatabase):
             # SQLite cannot use a plain index for LIKE (it ignores ASCII case); a
@@ -116,7 +116,7 @@ class Pattern(Matcher):
         return expression
 
     def member_condition(self, column: Field) -> Expression:
-        return like(column, member_pattern(self._like))
+        return _like(column, _member(self._sql_pattern))
 
     def test(self, value: str) -> bool:
         return self._regex.fullmatch(value) is not None
@@ -158,7 +158,7 @@ class NumberEquals(Matcher):
         return column == _spell(self.number)
 
     def member_condition(self, column: Field) -> Expression:
-        return like(column, member_pattern(like_literal(_spell(self.number))))
+        return _like(column, _member(_literal(_spell(self.number))))
 
     def test(self, value: str) -> bool:
         try:
@@ -219,7 +219,7 @@ def _spell(number: float) -> str:
     return str(int(number)) if number.is_integer() else repr(number)
 
 
-def normalize(vr: str, value: str) -> str:
+def _normalize(vr: str, value: str) -> str:
     """The stored spelling of a date or time: no ACR-NEMA separators."""
     if vr == "DA":
         return value.replace(".", "")
@@ -268,8 +268,8 @@ def _range(vr: str, value: str) -> Matcher:
     if dash and vr == "DT" and len(high) == 4 and high.isdigit() and low > high:
         dash = ""  # "20200101120000-0500" is a DT with a UTC offset, not a range
     if not dash:
-        return Equals(normalize(vr, value))
-    return Range(normalize(vr, low.strip()), normalize(vr, high.strip()))
+        return Equals(_normalize(vr, value))
+    return Range(_normalize(vr, low.strip()), _normalize(vr, high.strip()))
 
 
 @dataclass(frozen=True)

@@ -128,12 +128,20 @@ class _Batch:
                     new,
                 )
 
+    @staticmethod
+    def _find_or_create(model: type[Model], unique: str, values: dict,
+                        **parent: Model) -> tuple[Model, bool]:
+        """The row whose `unique` column equals the values', created if missing."""
+        row = model.get_or_none(getattr(model, unique) == values[unique])
+        if row is not None:
+            return row, False
+        return model.create(**parent, **values), True
+
     def study(self, values: dict, patient: Patient) -> Study:
         row = self.studies.get(values["study_uid"])
         if row is None:
-            row = Study.get_or_none(Study.study_uid == values["study_uid"])
-            if row is None:
-                row = Study.create(patient=patient, **values)
+            row, created = self._find_or_create(Study, "study_uid", values, patient=patient)
+            if created:
                 self.bump(Patient, patient.id, "num_studies")
             elif row.patient_id != patient.id:
                 log.warning(
@@ -148,9 +156,8 @@ class _Batch:
     def series_row(self, values: dict, study: Study) -> Series:
         row = self.series.get(values["series_uid"])
         if row is None:
-            row = Series.get_or_none(Series.series_uid == values["series_uid"])
-            if row is None:
-                row = Series.create(study=study, **values)
+            row, created = self._find_or_create(Series, "series_uid", values, study=study)
+            if created:
                 self.bump(Study, study.id, "num_series")
                 self.bump(Patient, study.patient_id, "num_series")
                 self.add_multi(study, "modalities", values["modality"])
