@@ -70,18 +70,33 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def children(pid: int) -> list[int]:
+    """Worker processes of the supervisor (empty with network.workers: 1)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 def store(groups: list[list[Path]], port: int) -> tuple[float, int]:
     """Run one storescu per group at once; return seconds and failed responses."""
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in groups]  # a full pipe would stall storescu
     start = time.perf_counter()
     procs = [
         subprocess.Popen([STORESCU, "-v", "-aec", "MINIPACS", "+sd", "+r", "127.0.0.1",
                           str(port), *map(str, group)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         stdout=log, stderr=subprocess.STDOUT, text=True,
                          env={**os.environ, "TCP_NODELAY": "1"})  # as bench.py: DCMTK's Nagle off
-        for group in groups
+        for group, log in zip(groups, logs)
     ]
-    outputs = [p.communicate()[0] for p in procs]
+    for proc in procs:
+        proc.wait()
     elapsed = time.perf_counter() - start
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
     failed = sum(out.count("Received Store Response (") - out.count("Received Store Response (Success")
                  for out in outputs)
     return elapsed, failed
@@ -120,7 +135,9 @@ def main() -> int:
                 seconds, failed = store(groups, port)
                 print(f"STORE-{name}: {count} instances in {seconds:.2f} s = {count / seconds:.0f}"
                       f" inst/s, {len(groups)} assoc, fsync {args.fsync}, failed {failed}")
-            print(f"peak RSS: {peak_rss_mb(server.pid):.0f} MB")
+            workers = [peak_rss_mb(child) for child in children(server.pid)]
+            print(f"peak RSS: main {peak_rss_mb(server.pid):.0f} MB, workers "
+                  f"{', '.join(f'{w:.0f}' for w in workers) or '-'} MB")
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(30)
