@@ -12,9 +12,10 @@ import enum
 import hashlib
 import logging
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from peewee import PeeweeException
 from pydicom import Dataset
@@ -50,6 +51,15 @@ class Ingested:
     size: int
 
 
+@contextmanager
+def _index_errors() -> Iterator[None]:
+    """A database failure becomes OutOfResources: the peer may retry later (0xA700)."""
+    try:
+        yield
+    except PeeweeException as exc:
+        raise OutOfResources(f"index unavailable: {exc}") from None
+
+
 class Archive:
     """One file store and one index, opened from the config."""
 
@@ -57,7 +67,7 @@ class Archive:
         self.config = config
         self.store = FileStore(config.storage.root, fsync=config.storage.fsync)
         self.store.prepare()
-        self.db = open_database(config.database.url, durable=config.storage.fsync)
+        open_database(config.database.url, durable=config.storage.fsync)
         self._writer = IndexWriter()
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._committer: GroupCommitter[tuple[InstanceRecord, str]] = GroupCommitter(
@@ -109,24 +119,18 @@ class Archive:
                 raise OutOfResources(f"cannot write the file: {exc.strerror or exc}") from None
             record = build_record(header.dataset, uids, header.transfer_syntax, relpath, size,
                                   header.blob)
-            try:
+            with _index_errors():
                 self._committer.commit((record, relpath))
-            except PeeweeException as exc:
-                raise OutOfResources(f"index unavailable: {exc}") from None
         return Ingested(sop_uid, Outcome.REPLACED if existed else Outcome.STORED, size)
 
     def _indexed(self, sop_uid: str) -> bool:
-        try:
+        with _index_errors():
             return Instance.select().where(Instance.sop_uid == sop_uid).exists()
-        except PeeweeException as exc:
-            raise OutOfResources(f"index unavailable: {exc}") from None
 
     def select(self, identifier: Dataset, root: str) -> list[Match]:
         """The instances a C-MOVE/C-GET identifier names (raises SelectionError, OutOfResources)."""
-        try:
+        with _index_errors():
             return select_matches(identifier, root)
-        except PeeweeException as exc:
-            raise OutOfResources(f"index unavailable: {exc}") from None
 
     def file_path(self, relpath: str) -> Path:
         """Where an indexed instance's file is (it may have vanished since)."""
@@ -137,10 +141,8 @@ class Archive:
 
         What Storage Commitment promises: the archive can send them back.
         """
-        try:
+        with _index_errors():
             found = find_instances(sop_uids)
-        except PeeweeException as exc:
-            raise OutOfResources(f"index unavailable: {exc}") from None
         return {uid: match for uid, match in found.items()
                 if self.store.size(match.relpath) == match.size}
 

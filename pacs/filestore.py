@@ -1,4 +1,4 @@
-"""The sharded file store: put, open, delete and walk files, atomically.
+"""The sharded file store: stage, commit, check and walk files, atomically.
 
 Layout under the root (also in storage/README.md)::
 
@@ -114,9 +114,6 @@ class FileStore:
             return (self.root / relpath).stat().st_size
         except FileNotFoundError:
             return None
-
-    def delete(self, relpath: str) -> None:
-        _unlink_quietly(self.root / relpath)
 
     def walk(self) -> Iterator[str]:
         """Every final file's path relative to the root (staging excluded)."""

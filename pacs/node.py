@@ -18,6 +18,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.archive import Archive
 from pacs.config import Config
+from pacs.handoff import start_channel_server
 from pacs.services import dispatch
 from pacs.services.commitment import handle_commitment
 from pacs.services.echo import handle_echo
@@ -25,11 +26,10 @@ from pacs.services.find import FIND_CLASSES, handle_find
 from pacs.services.get import handle_get
 from pacs.services.move import handle_move
 from pacs.services.retrieve import RETRIEVE_CLASSES
-from pacs.handoff import start_channel_server
-from pacs.transport import tune_connection
 from pacs.services.store import (
     discard_partial, handle_store, open_receive_file, receive_into,
 )
+from pacs.transport import tune_connection
 
 log = logging.getLogger(__name__)
 # pynetdicom accepts the first of these the requester also proposed. Explicit VR

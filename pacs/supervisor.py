@@ -68,6 +68,81 @@ class _Worker:
         log.info("worker %d started (pid %d)", index, self.proc.pid)
 
 
+class _Pool:
+    """The workers, their channels in one selector, and how many associations each holds."""
+
+    def __init__(self, count: int, source: Path, extra_args: list[str]):
+        self.source = source
+        self.extra_args = extra_args
+        self.selector = selectors.DefaultSelector()
+        self.workers = [self._start(i) for i in range(count)]
+
+    def _start(self, index: int) -> _Worker:
+        worker = _Worker(index, self.source, self.extra_args)
+        self.selector.register(worker.channel, selectors.EVENT_READ, worker)
+        return worker
+
+    def hand_off(self, listener: socket.socket) -> None:
+        """Accept one connection and pass it to the worker with the fewest associations."""
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            for worker in sorted(self.workers, key=lambda w: w.active):
+                try:
+                    socket.send_fds(worker.channel, [HANDOFF], [conn.fileno()])
+                except OSError:
+                    continue
+                worker.active += 1
+                return
+        log.error("no worker could take a connection; closed it")
+
+    def read_reports(self, worker: _Worker) -> None:
+        try:
+            data = worker.channel.recv(4096)
+        except OSError:
+            data = b""
+        if data:
+            worker.active = max(0, worker.active - data.count(CLOSED))
+        else:  # the channel closed: the worker is gone
+            worker.proc.wait()
+            self.restart(worker)
+
+    def restart_dead(self) -> None:
+        for worker in list(self.workers):
+            if worker.proc.poll() is not None:
+                self.restart(worker)
+
+    def restart(self, worker: _Worker) -> None:
+        log.error("worker %d (pid %d) exited with %s; restarting it", worker.index,
+                  worker.proc.pid, worker.proc.poll())
+        self.selector.unregister(worker.channel)
+        worker.channel.close()
+        time.sleep(0.5)  # do not spin if it keeps dying
+        self.workers[self.workers.index(worker)] = self._start(worker.index)
+
+    def stop(self) -> int:
+        """SIGTERM every worker, wait (bounded), kill stragglers; 0 if all stopped cleanly."""
+        self.selector.close()
+        log.info("stopping %d workers", len(self.workers))
+        for worker in self.workers:
+            if worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        codes = []
+        for worker in self.workers:
+            try:
+                codes.append(worker.proc.wait(max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                log.error("worker %d did not stop in time; killing it", worker.index)
+                worker.proc.kill()
+                codes.append(worker.proc.wait())
+            worker.channel.close()
+        # A worker stopped by SIGTERM before it installed its handler (at start-up) is a clean stop too.
+        return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
+
+
 def supervise(config: Config, count: int, extra_args: list[str]) -> int:
     """Listen, hand connections to `count` workers, stop them all on SIGTERM/SIGINT."""
     assert config.source is not None
@@ -82,83 +157,17 @@ def supervise(config: Config, count: int, extra_args: list[str]) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    workers = [_Worker(i, config.source, extra_args) for i in range(count)]
-    selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ, "accept")
-    selector.register(wake_r, selectors.EVENT_READ, "wake")
-    for worker in workers:
-        selector.register(worker.channel, selectors.EVENT_READ, worker)
+    pool = _Pool(count, config.source, extra_args)
+    pool.selector.register(listener, selectors.EVENT_READ, "accept")
+    pool.selector.register(wake_r, selectors.EVENT_READ, "wake")
     log.info("%s listening on %s:%d with %d workers", config.ae_title, config.host,
              config.port, count)
     while not stopping.is_set():
-        for key, _ in selector.select(timeout=1.0):
+        for key, _ in pool.selector.select(timeout=1.0):
             if key.data == "accept":
-                _hand_off(listener, workers)
+                pool.hand_off(listener)
             elif isinstance(key.data, _Worker):
-                _read_reports(key.data, selector, workers, config.source, extra_args)
-        for worker in list(workers):
-            if worker.proc.poll() is not None:
-                _restart(worker, selector, workers, config.source, extra_args)
-    selector.close()
+                pool.read_reports(key.data)
+        pool.restart_dead()
     listener.close()
-    return _stop_workers(workers)
-
-
-def _hand_off(listener: socket.socket, workers: list[_Worker]) -> None:
-    try:
-        conn, _ = listener.accept()
-    except BlockingIOError:
-        return
-    with conn:
-        for worker in sorted(workers, key=lambda w: w.active):
-            try:
-                socket.send_fds(worker.channel, [HANDOFF], [conn.fileno()])
-            except OSError:
-                continue
-            worker.active += 1
-            return
-    log.error("no worker could take a connection; closed it")
-
-
-def _read_reports(worker: _Worker, selector: selectors.BaseSelector, workers: list[_Worker],
-                  source: Path, extra_args: list[str]) -> None:
-    try:
-        data = worker.channel.recv(4096)
-    except OSError:
-        data = b""
-    if data:
-        worker.active = max(0, worker.active - data.count(CLOSED))
-    else:
-        worker.proc.wait()
-        _restart(worker, selector, workers, source, extra_args)
-
-
-def _restart(worker: _Worker, selector: selectors.BaseSelector, workers: list[_Worker],
-             source: Path, extra_args: list[str]) -> None:
-    log.error("worker %d (pid %d) exited with %s; restarting it", worker.index,
-              worker.proc.pid, worker.proc.poll())
-    selector.unregister(worker.channel)
-    worker.channel.close()
-    time.sleep(0.5)  # do not spin if it keeps dying
-    fresh = _Worker(worker.index, source, extra_args)
-    workers[workers.index(worker)] = fresh
-    selector.register(fresh.channel, selectors.EVENT_READ, fresh)
-
-
-def _stop_workers(workers: list[_Worker]) -> int:
-    log.info("stopping %d workers", len(workers))
-    for worker in workers:
-        if worker.proc.poll() is None:
-            worker.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
-    codes = []
-    for worker in workers:
-        try:
-            codes.append(worker.proc.wait(max(0.1, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            log.error("worker %d did not stop in time; killing it", worker.index)
-            worker.proc.kill()
-            codes.append(worker.proc.wait())
-        worker.channel.close()
-    # A worker stopped by SIGTERM before it installed its handler (at start-up) is a clean stop too.
-    return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
+    return pool.stop()

@@ -24,24 +24,14 @@ from pacs.index.answer import Answer
 from pacs.index.keys import RequestKey, UndecodableKey, decode_keys, identifier_encodings
 from pacs.index.matching import DateTimeRange, InvalidKey, Matcher, build
 from pacs.index.models import Instance, Patient, Series, Study
-from pacs.index.selection import PATIENT_ROOT, STUDY_ROOT
+from pacs.index.levels import IdentifierError as QueryError
+from pacs.index.levels import LEVELS, QUERY_RETRIEVE_LEVEL, TOP_LEVEL, query_level
+from pacs.index.levels import UNIQUE_KEYS as _UNIQUE
 from pacs.index.stored import SequenceMatch, collect, is_ascii, parse
 
-LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 _MODELS = (Patient, Study, Series, Instance)
-_TOP = {PATIENT_ROOT: 0, STUDY_ROOT: 1}
-_UNIQUE = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-QUERY_RETRIEVE_LEVEL = 0x00080052
 RETRIEVE_AE_TITLE = 0x00080054
 INSTANCE_AVAILABILITY = 0x00080056
-
-
-class QueryError(ValueError):
-    """The identifier cannot be answered; the message becomes the ErrorComment."""
-
-    def __init__(self, message: str, tag: int | None = None):
-        super().__init__(message)
-        self.tag = tag  # the offending element, when there is one
 
 
 @dataclass(frozen=True)
@@ -113,24 +103,12 @@ def _name(tag: int) -> str:
     return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
-def query_level(identifier: Dataset, root: str) -> int:
-    """The index in LEVELS of the identifier's Query/Retrieve Level, valid under `root`."""
-    level = str(identifier.get("QueryRetrieveLevel") or "").strip().upper()
-    if not level:
-        raise QueryError("QueryRetrieveLevel (0008,0052) is missing", QUERY_RETRIEVE_LEVEL)
-    allowed = LEVELS[_TOP[root]:]
-    if level not in allowed:
-        raise QueryError(f"QueryRetrieveLevel {level[:16]!r} is not one of {'/'.join(allowed)}",
-                         QUERY_RETRIEVE_LEVEL)
-    return LEVELS.index(level)
-
-
 def _check_hierarchy(keys: dict[int, RequestKey], root: str, level: int) -> None:
     """Above the query level a unique key is absent, universal or one plain value (C.4.1.3.1.1).
 
     Absent keys are accepted, as dcm4chee and Orthanc do; lists and wild cards are not.
     """
-    for upper in range(_TOP[root], level):
+    for upper in range(TOP_LEVEL[root], level):
         tag = tag_for_keyword(_UNIQUE[upper])
         key = keys.get(tag)
         values = [v for v in key.values if v.strip("*")] if key else []

@@ -15,21 +15,17 @@ from typing import Iterable
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 
+from pacs.index.levels import TOP_LEVEL, query_level
+from pacs.index.levels import IdentifierError as SelectionError
 from pacs.index.models import Instance, Patient, Series, Study
 
-PATIENT_ROOT, STUDY_ROOT = "PATIENT", "STUDY"
-# (level, unique key, its tag for messages, the indexed column)
+# (level, unique key, its tag for messages, the indexed column), in LEVELS order
 _KEYS = (
     ("PATIENT", "PatientID", "(0010,0020)", Patient.patient_id),
     ("STUDY", "StudyInstanceUID", "(0020,000D)", Study.study_uid),
     ("SERIES", "SeriesInstanceUID", "(0020,000E)", Series.series_uid),
     ("IMAGE", "SOPInstanceUID", "(0008,0018)", Instance.sop_uid),
 )
-_FIRST_LEVEL = {PATIENT_ROOT: 0, STUDY_ROOT: 1}
-
-
-class SelectionError(ValueError):
-    """The identifier cannot name instances; the message becomes the ErrorComment."""
 
 
 @dataclass(frozen=True)
@@ -52,26 +48,15 @@ def _values(identifier: Dataset, keyword: str) -> list[str]:
     return [text for text in (str(v).strip().rstrip("\x00") for v in items) if text]
 
 
-def _level(identifier: Dataset, root: str) -> int:
-    raw = identifier.get("QueryRetrieveLevel")
-    level = str(raw or "").strip().upper()
-    if not level:
-        raise SelectionError("QueryRetrieveLevel (0008,0052) is missing")
-    names = [name for name, *_ in _KEYS[_FIRST_LEVEL[root]:]]
-    if level not in names:
-        raise SelectionError(f"QueryRetrieveLevel {level[:20]!r} is not one of {'/'.join(names)}")
-    return [name for name, *_ in _KEYS].index(level)
-
-
 def select_matches(identifier: Dataset, root: str) -> list[Match]:
     """The instances an identifier names under a root (PATIENT_ROOT or STUDY_ROOT).
 
     Raises SelectionError for a missing or unknown level, a missing key at the
     level, or a list where a single value is required.
     """
-    target = _level(identifier, root)
+    target = query_level(identifier, root)
     conditions = []
-    for index in range(_FIRST_LEVEL[root], target + 1):
+    for index in range(TOP_LEVEL[root], target + 1):
         level, keyword, tag, column = _KEYS[index]
         values = _values(identifier, keyword)
         if index == target:

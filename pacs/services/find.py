@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (
 from pacs.archive import Archive
 from pacs.index.answer import Answer
 from pacs.index.query import Find, QueryError, QueryOptions
-from pacs.index.selection import PATIENT_ROOT, STUDY_ROOT
+from pacs.index.levels import PATIENT_ROOT, STUDY_ROOT
 from pacs.pdata import DATA_SET, command_set, ui, us
 from pacs.services.retrieve import requester_writer
 from pacs.statuses import (

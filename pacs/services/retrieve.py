@@ -30,7 +30,8 @@ from pynetdicom.sop_class import (
 )
 
 from pacs.archive import Archive, OutOfResources
-from pacs.index.selection import PATIENT_ROOT, STUDY_ROOT, Match, SelectionError
+from pacs.index.levels import PATIENT_ROOT, STUDY_ROOT
+from pacs.index.selection import Match, SelectionError
 from pacs.pdata import DATA_SET, NO_DATA_SET, PDataWriter, command_set, text, ui, us
 from pacs.sender import Sender, Tally
 from pacs.statuses import (
