@@ -1,27 +1,36 @@
-"""Per-connection tuning of pynetdicom's transport for request/response latency.
+"""Per-connection tuning of pynetdicom's transport: no polling, no Nagle.
 
-pynetdicom 3.0 polls: its DUL thread sleeps `_run_loop_delay` (1 ms) whenever
-a loop found nothing to do, and it never sets TCP_NODELAY. Both add latency to
-every DIMSE round trip (FIELD-NOTES: Nagle + delayed ACK stall ~40 ms; the 1 ms
-poll costs ~1.4 ms per C-STORE measured with a no-op handler). We turn Nagle
-off, poll fast only while the peer is active (idle associations still cost
-next to no CPU), and read each PDU with as few recv calls as possible.
+pynetdicom 3.0 polls. For each association its DUL thread sleeps 1 ms
+whenever a loop found nothing to do, and the association thread sleeps 1 ms
+between looks at its message queue; neither sets TCP_NODELAY. So every DIMSE
+round trip waits on the polls (FIELD-NOTES: Nagle + delayed ACK stall ~40 ms
+more), and each open association burns ~2,000 wake-ups a second: with four
+storing associations, py-spy put ~45% of the server's samples in the two
+reactor loops. Here both threads sleep until there is work instead: the DUL
+thread in select() on its socket plus a wake-up socket that is written when
+the association thread queues a PDU to send, and the association thread on an
+Event set when a DIMSE message or an ACSE primitive arrives. Both still look
+around every WAKE_CHECK_S for pynetdicom's timers (ARTIM, network timeout).
 Relies on pynetdicom 3.0 internals (pinned in pyproject).
 """
 from __future__ import annotations
 
+import queue
+import select
 import socket
+import ssl
+import threading
 import time
 import weakref
+from typing import Any, Callable
 
 from pydicom.uid import UID
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.transport import AssociationSocket
 
-ACTIVE_POLL_S = 0.0001  # poll delay right after traffic
-IDLE_POLL_S = 0.001      # pynetdicom's default, once the peer has been quiet
-ACTIVE_WINDOW_S = 0.05   # how long after the last received PDU we stay fast
+WAKE_CHECK_S = 0.05  # timers are looked at least this often (ARTIM, idle: seconds)
+FALLBACK_SLEEP_S = 0.001  # pynetdicom's poll, where there is no socket to wait on
 
 
 # pynetdicom deep-copies every supported presentation context for each new
@@ -29,27 +38,121 @@ ACTIVE_WINDOW_S = 0.05   # how long after the last received PDU we stay fast
 # copying UID strings. A UID is an immutable str: its deep copy can be itself.
 UID.__deepcopy__ = lambda self, memo: self  # type: ignore[attr-defined]
 
-_running: weakref.WeakSet = weakref.WeakSet()
 
+class SignallingQueue(queue.Queue):
+    """A queue that calls `signal` after each put, so its reader can block elsewhere.
 
-class ResponsiveDUL(DULServiceProvider):
-    """A DUL whose poll delay is short while PDUs keep arriving on a lone association.
-
-    With several associations in the process the CPU is the limit, not the
-    latency, and fast polling would only steal it from the others.
+    Installed by changing the class of pynetdicom's existing queues, which
+    keeps any item already in them.
     """
+
+    signal: Callable[[], None]
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.signal()
+
+
+class WakefulDUL(DULServiceProvider):
+    """A DUL thread that waits in select() for the peer or for a PDU to send."""
+
+    _waker: socket.socket  # written by other threads
+    _wakee: socket.socket  # read in select() by the DUL thread
+    _waiting = False  # in select(): only then is a wake-up worth a syscall
+
+    def install(self) -> None:
+        """Set up the wake-up pair; called before the thread starts."""
+        self._wakee, self._waker = socket.socketpair()
+        self._waker.setblocking(False)
+        self._wakee.setblocking(False)
+        weakref.finalize(self, _close_pair, self._wakee, self._waker)
+        self.to_provider_queue.__class__ = SignallingQueue
+        self.to_provider_queue.signal = self.wake
+
+    def wake(self) -> None:
+        if self._waiting or self._kill_thread:
+            self.nudge()
+
+    def nudge(self) -> None:
+        try:
+            self._waker.send(b"\0")
+        except OSError:  # full: a wake-up is pending anyway; closed: the thread is gone
+            pass
 
     @property  # type: ignore[override]
     def _run_loop_delay(self) -> float:
-        last = self._idle_timer._start_time  # restarted on every received PDU
-        if last is not None and time.time() - last < ACTIVE_WINDOW_S:
-            if sum(1 for dul in list(_running) if dul.is_alive()) <= 1:
-                return ACTIVE_POLL_S
-        return IDLE_POLL_S
+        """Where pynetdicom sleeps between polls, wait for work; then sleep 0.
+
+        Other threads read this too (stop_dul waits with it): they get a plain delay.
+        """
+        if threading.current_thread() is self:
+            self._wait_for_work()
+            return 0.0
+        return FALLBACK_SLEEP_S
 
     @_run_loop_delay.setter
     def _run_loop_delay(self, value: float) -> None:
         """pynetdicom's constructor sets a fixed delay; ours is computed."""
+
+    def _wait_for_work(self) -> None:
+        peer = getattr(self.socket, "socket", None)
+        if peer is None or self._kill_thread:
+            time.sleep(FALLBACK_SLEEP_S)
+            return
+        if isinstance(peer, ssl.SSLSocket) and peer.pending():
+            return  # decrypted bytes wait in the SSL buffer, invisible to select()
+        self._waiting = True
+        try:
+            # a PDU queued before the flag was up found no one to wake: look again
+            if self.to_provider_queue.empty():
+                ready, _, _ = select.select([peer, self._wakee], [], [], WAKE_CHECK_S)
+                if self._wakee in ready:
+                    self._wakee.recv(4096)
+        except (OSError, ValueError):  # closed under us: pynetdicom's loop notices
+            time.sleep(FALLBACK_SLEEP_S)
+        finally:
+            self._waiting = False
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self.nudge()
+
+    def stop_dul(self) -> bool:
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self.nudge()
+        return super().stop_dul()
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            self.assoc._reactor_checkpoint.work.set()  # the association notices the end at once
+
+
+def _close_pair(*pair: socket.socket) -> None:
+    for sock in pair:
+        sock.close()
+
+
+class WorkCheckpoint(threading.Event):
+    """pynetdicom's reactor pause switch, which now also waits for work.
+
+    The association reactor calls wait() once per loop, after its 1 ms nap;
+    here that wait first blocks until a message or primitive arrives (or
+    WAKE_CHECK_S passes), then honours a pause as before. Waiting for work
+    first keeps pynetdicom's pause protocol intact: a thread that paused the
+    reactor to read a response itself still gets that response.
+    """
+
+    work: threading.Event
+    inbox: queue.Queue  # DIMSE messages: one is served per loop, so more may wait
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self.inbox.empty():
+            self.work.wait(WAKE_CHECK_S)
+        self.work.clear()
+        return super().wait(timeout)
 
 
 class BulkSocket(AssociationSocket):
@@ -69,7 +172,12 @@ class BulkSocket(AssociationSocket):
 
 
 def tune_connection(event: Event) -> None:
-    """EVT_CONN_OPEN handler: Nagle off and the responsive poll, for both directions."""
+    """EVT_CONN_OPEN handler: Nagle off for both directions; no polling as acceptor.
+
+    An acceptor's threads have not started yet when this runs, so their loops
+    can be changed safely; our requestors (C-MOVE, commitment) have their own
+    sender (pdata.py, scu.py) and are left as pynetdicom made them.
+    """
     assoc = event.assoc
     sock = getattr(assoc.dul.socket, "socket", None)
     if sock is not None:
@@ -77,8 +185,15 @@ def tune_connection(event: Event) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-    if type(assoc.dul) is DULServiceProvider:
-        assoc.dul.__class__ = ResponsiveDUL
-        _running.add(assoc.dul)
     if type(assoc.dul.socket) is AssociationSocket:
         assoc.dul.socket.__class__ = BulkSocket
+    if assoc.is_acceptor and type(assoc.dul) is DULServiceProvider:
+        work = threading.Event()
+        assoc._reactor_checkpoint.__class__ = WorkCheckpoint
+        assoc._reactor_checkpoint.work = work
+        assoc._reactor_checkpoint.inbox = assoc.dimse.msg_queue
+        for inbox in (assoc.dimse.msg_queue, assoc.dul.to_user_queue):
+            inbox.__class__ = SignallingQueue
+            inbox.signal = work.set
+        assoc.dul.__class__ = WakefulDUL
+        assoc.dul.install()
