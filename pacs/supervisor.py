@@ -7,9 +7,10 @@ runs a supervisor that owns the listening socket, accepts each connection and
 hands the socket (SCM_RIGHTS) to the worker with the fewest open associations;
 each worker is a full node (archive, index connection, all services).
 Workers report each closed association back over the same channel. A worker
-that dies is restarted. SIGHUP is checked here and passed on to every worker
-(`pacs.live`); workers started later read the file as it is then. dcmqrscp forks per association and Orthanc runs a
-thread pool; this keeps pynetdicom and stays within a few processes.
+that dies is restarted. On SIGHUP the supervisor checks the config file and,
+if it loads, passes the signal on to every worker (`pacs.live`); a worker
+started later reads the file as it is then. dcmqrscp forks per association and
+Orthanc runs a thread pool; this keeps pynetdicom and stays within a few processes.
 """
 from __future__ import annotations
 

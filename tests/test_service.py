@@ -119,6 +119,7 @@ def test_install_rejects_bad_options():
 
 def port_104_free() -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is fine
         try:
             s.bind(("127.0.0.1", 104))
         except OSError:

@@ -21,8 +21,8 @@ from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
-from pacs.archive import Archive, OutOfResources
 from pacs.access import REFUSAL, permitted
+from pacs.archive import Archive, OutOfResources
 from pacs.config import Config
 from pacs.live import LiveConfig
 from pacs.statuses import (

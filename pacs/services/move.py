@@ -15,8 +15,8 @@ from pynetdicom.events import Event
 
 from pacs.archive import Archive
 from pacs.config import Config, RemoteAE
-from pacs.live import LiveConfig
 from pacs.index.selection import Match
+from pacs.live import LiveConfig
 from pacs.scu import AssociationFailed, associate
 from pacs.sender import Sender, plan
 from pacs.services.retrieve import Responder, requester_writer, serve_retrieve
