@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
@@ -16,9 +17,12 @@ from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification, _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
 
+from pacs import access
 from pacs.archive import Archive
 from pacs.config import Config
 from pacs.handoff import start_channel_server
+from pacs.live import LiveConfig
+from pacs.sdnotify import notify
 from pacs.services import dispatch
 from pacs.services.commitment import handle_commitment
 from pacs.services.echo import handle_echo
@@ -49,8 +53,13 @@ _config.STORE_RECV_CHUNKED_DATASET = True
 dimse_messages.NamedTemporaryFile = open_receive_file
 
 
-def build_ae(config: Config) -> AE:
-    """An AE accepting Verification and every storage SOP class in any transfer syntax."""
+def build_ae(config: Config, live: LiveConfig | None = None) -> AE:
+    """An AE accepting Verification and every storage SOP class in any transfer syntax.
+
+    Associations and requests are checked against the access rules in force in
+    `live` (`pacs.access`); without it, against `config`'s.
+    """
+    live = live or LiveConfig(config)
     ae = AE(ae_title=config.ae_title)
     net = config.network
     ae.maximum_associations = net.max_associations
@@ -58,7 +67,7 @@ def build_ae(config: Config) -> AE:
     ae.acse_timeout = net.acse_timeout
     ae.dimse_timeout = net.dimse_timeout
     ae.network_timeout = net.network_timeout
-    ae.require_called_aet = config.security.require_called_ae
+    access.guard(ae, lambda: live.policy)  # also checks the called AE title
     ae.add_supported_context(Verification)
     # Compressed syntaxes are accepted and stored as received, never transcoded.
     # Both roles: a C-GET requester takes the SCP role for storage (PS3.7 D.3.3.4).
@@ -77,7 +86,8 @@ class Node:
     def __init__(self, config: Config, archive: Archive):
         self.config = config
         self.archive = archive
-        self.ae = build_ae(config)
+        self.live = LiveConfig(config)  # remote_aes and security, reloaded on SIGHUP
+        self.ae = build_ae(config, self.live)
         self.server: ThreadedAssociationServer | None = None
         self._sweeper = threading.Event()
 
@@ -94,9 +104,9 @@ class Node:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.archive]),
             (evt.EVT_C_FIND, handle_find, [self.archive]),
-            (evt.EVT_C_MOVE, handle_move, [self.archive, self.config]),
+            (evt.EVT_C_MOVE, handle_move, [self.archive, self.live]),
             (evt.EVT_C_GET, handle_get, [self.archive]),
-            (evt.EVT_N_ACTION, handle_commitment, [self.archive, self.config]),
+            (evt.EVT_N_ACTION, handle_commitment, [self.archive, self.live]),
         ]
 
     def start(self, channel: socket.socket | None = None) -> None:
@@ -147,18 +157,26 @@ def clean_staging(archive: Archive) -> None:
 def serve(config: Config, channel_fd: int | None = None) -> int:
     """Run the node in the foreground until SIGTERM or SIGINT; return the exit code.
 
-    With `channel_fd` it is a worker of :mod:`pacs.supervisor` and takes its
-    connections from that socket instead of listening itself.
+    SIGHUP reloads `remote_aes` and `security` (`pacs.live`). With `channel_fd`
+    it is a worker of :mod:`pacs.supervisor` and takes its connections from that
+    socket instead of listening itself.
     """
     archive = Archive(config)
     node = Node(config, archive)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()  # put() is safe in a signal handler
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: signals.put(signum))
+    # A supervisor starts its workers with SIGHUP blocked, so that a reload
+    # cannot kill one before this handler is in place; a held one arrives now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     channel = socket.socket(fileno=channel_fd) if channel_fd is not None else None
     node.start(channel)
-    while not stop.wait(1.0):
-        pass
+    notify("READY=1")  # workers have no $NOTIFY_SOCKET: the supervisor tells systemd
+    while signals.get() == signal.SIGHUP:
+        notify("RELOADING=1")
+        node.live.reload()
+        notify("READY=1")
+    notify("STOPPING=1")
     log.info("stopping: no new associations, waiting up to %ds for running ones", STOP_GRACE_S)
     node.stop()
     archive.close()

@@ -19,7 +19,19 @@ MATCHES_OUT_OF_RESOURCES = 0xA701  # Refused: Out of Resources - unable to calcu
 SUBOPS_OUT_OF_RESOURCES = 0xA702   # Refused: Out of Resources - unable to perform sub-operations
 SUBOPS_WARNING = 0xB000            # Warning: sub-operations complete, one or more failures
 # PS3.7 C.5 general statuses
-NOT_AUTHORIZED = 0x0124            # Refused: Not authorized
+NOT_AUTHORIZED = 0x0124            # Refused: Not authorized (N-services; Storage Commitment)
+SOP_CLASS_NOT_SUPPORTED = 0x0122   # Refused: SOP Class not supported
+# An operation the caller's `remote_aes` permissions exclude (pacs.access).
+# PS3.7 lists "Refused: Not authorized" (0124H) for the N-services only; each
+# C-service of PS3.4 has the implementation-defined failure range Cxxx (C-STORE
+# "Cannot understand", C-FIND/C-MOVE/C-GET "Unable to process"), and C124
+# there echoes 0124H. The refused-class codes (A7xx "Out of resources", A801
+# "Move destination unknown") would send the caller hunting the wrong problem.
+# Orthanc aborts the association instead, which tells the caller nothing.
+NOT_PERMITTED = 0xC124
+# C-ECHO (PS3.7 9.1.5.1.4) has neither: it refuses with "SOP Class not supported",
+# i.e. Verification is not offered to this caller.
+ECHO_NOT_PERMITTED = SOP_CLASS_NOT_SUPPORTED
 # PS3.7 10.1.4.1.10 N-ACTION statuses, also Failure Reasons in PS3.4 J.3.3.1.1
 PROCESSING_FAILURE = 0x0110        # Processing failure
 NO_SUCH_OBJECT_INSTANCE = 0x0112   # No such object instance

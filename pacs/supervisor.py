@@ -7,8 +7,10 @@ runs a supervisor that owns the listening socket, accepts each connection and
 hands the socket (SCM_RIGHTS) to the worker with the fewest open associations;
 each worker is a full node (archive, index connection, all services).
 Workers report each closed association back over the same channel. A worker
-that dies is restarted. dcmqrscp forks per association and Orthanc runs a
-thread pool; this keeps pynetdicom and stays within a few processes.
+that dies is restarted. On SIGHUP the supervisor checks the config file and,
+if it loads, passes the signal on to every worker (`pacs.live`); a worker
+started later reads the file as it is then. dcmqrscp forks per association and
+Orthanc runs a thread pool; this keeps pynetdicom and stays within a few processes.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pacs.config import Config
+from pacs.config import Config, ConfigError, load
+from pacs.sdnotify import notify
 
 log = logging.getLogger(__name__)
 CLOSED = b"c"           # worker -> supervisor: one association ended
@@ -59,11 +62,19 @@ class _Worker:
         self.index = index
         self.channel, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.active = 0
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pacs", "serve", "--config", str(config_path),
-             "--worker-fd", str(child.fileno()), *extra_args],
-            pass_fds=[child.fileno()],
-        )
+        # The worker starts with SIGHUP blocked (the mask is inherited) until its
+        # handler is in place, so a reload meanwhile is held, not fatal.
+        # Only the supervisor talks to systemd: no $NOTIFY_SOCKET for workers.
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pacs", "serve", "--config", str(config_path),
+                 "--worker-fd", str(child.fileno()), *extra_args],
+                pass_fds=[child.fileno()], env=env,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         child.close()
         log.info("worker %d started (pid %d)", index, self.proc.pid)
 
@@ -109,6 +120,18 @@ class _Pool:
             worker.proc.wait()
             self.restart(worker)
 
+    def reload(self) -> None:
+        """Check the config file, then let every worker reload it (SIGHUP)."""
+        try:
+            load(self.source)
+        except ConfigError as exc:
+            log.error("reload failed, the previous config stays in force: %s", exc)
+            return
+        log.info("reload: passing SIGHUP to %d workers", len(self.workers))
+        for worker in self.workers:
+            if worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGHUP)
+
     def restart_dead(self) -> None:
         for worker in list(self.workers):
             if worker.proc.poll() is not None:
@@ -149,25 +172,34 @@ def supervise(config: Config, count: int, extra_args: list[str]) -> int:
     listener = socket.create_server((config.host, config.port), backlog=128)
     listener.setblocking(False)
     wake_r, wake_w = socket.socketpair()
-    stopping = threading.Event()
+    stopping, reloading = threading.Event(), threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        stopping.set()
+        (reloading if signum == signal.SIGHUP else stopping).set()
         wake_w.send(b"x")
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     pool = _Pool(count, config.source, extra_args)
     pool.selector.register(listener, selectors.EVENT_READ, "accept")
     pool.selector.register(wake_r, selectors.EVENT_READ, "wake")
     log.info("%s listening on %s:%d with %d workers", config.ae_title, config.host,
              config.port, count)
+    notify("READY=1")
     while not stopping.is_set():
         for key, _ in pool.selector.select(timeout=1.0):
             if key.data == "accept":
                 pool.hand_off(listener)
+            elif key.data == "wake":
+                wake_r.recv(64)
             elif isinstance(key.data, _Worker):
                 pool.read_reports(key.data)
+        if reloading.is_set() and not stopping.is_set():
+            reloading.clear()
+            notify("RELOADING=1")
+            pool.reload()
+            notify("READY=1")
         pool.restart_dead()
+    notify("STOPPING=1")
     listener.close()
     return pool.stop()

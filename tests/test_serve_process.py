@@ -6,6 +6,8 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -26,8 +28,10 @@ def refuses_associations(proc) -> bool:
     return not assoc.is_established
 
 
-def test_sigterm_completes_running_stores_and_exits_0(serve_process):
-    proc = serve_process()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_completes_running_stores_and_exits_0(serve_process, workers):
+    """The store in flight completes and is indexed, new associations are refused, exit 0."""
+    proc = serve_process(network={"workers": workers})
     big, late = make_instance(rows=1024, cols=1024), make_instance(number=2)
     assoc = associate(proc, contexts=((CTImageStorage, [ExplicitVRLittleEndian]),))
     with ThreadPoolExecutor(1) as pool:

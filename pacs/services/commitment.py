@@ -21,10 +21,12 @@ from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
+from pacs.access import REFUSAL, permitted
 from pacs.archive import Archive, OutOfResources
 from pacs.config import Config
+from pacs.live import LiveConfig
 from pacs.statuses import (
-    CLASS_INSTANCE_CONFLICT, MISSING_ATTRIBUTE, NO_SUCH_ACTION,
+    CLASS_INSTANCE_CONFLICT, MISSING_ATTRIBUTE, NO_SUCH_ACTION, NOT_AUTHORIZED,
     NO_SUCH_OBJECT_INSTANCE, PROCESSING_FAILURE, SUCCESS, error_comment,
 )
 
@@ -124,8 +126,15 @@ def commitment_report(archive: Archive, transaction: str, refs: list[tuple[str, 
     return (SOME_FAILED if failed else ALL_COMMITTED), report
 
 
-def handle_commitment(event: Event, archive: Archive, config: Config) -> None:
-    """EVT_N_ACTION, called by `services.dispatch`: answers, checks, reports."""
+def handle_commitment(event: Event, archive: Archive, live: LiveConfig) -> None:
+    """EVT_N_ACTION, called by `services.dispatch`: answers, checks, reports.
+
+    Asking for commitment counts as `store` in `remote_aes` permissions.
+    """
+    if not permitted(event, "store"):
+        _respond(event, NOT_AUTHORIZED, REFUSAL)
+        return
+    config = live.current  # where a report on a new association goes: reloaded on SIGHUP
     caller = event.assoc.requestor.ae_title
     try:
         transaction, refs = _references(event)

@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from pacs.access import REFUSAL, permitted
 from pacs.archive import Archive
 from pacs.index.answer import Answer
 from pacs.index.query import Find, QueryError, QueryOptions
@@ -37,7 +38,8 @@ from pacs.index.levels import PATIENT_ROOT, STUDY_ROOT
 from pacs.pdata import DATA_SET, command_set, ui, us
 from pacs.services.retrieve import requester_writer
 from pacs.statuses import (
-    CANCEL, IDENTIFIER_MISMATCH, OUT_OF_RESOURCES, PENDING, SUCCESS, UNABLE_TO_PROCESS, status,
+    CANCEL, IDENTIFIER_MISMATCH, NOT_PERMITTED, OUT_OF_RESOURCES, PENDING, SUCCESS,
+    UNABLE_TO_PROCESS, status,
 )
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,9 @@ class PendingWriter:
 def handle_find(event: Event, archive: Archive) -> Iterator[Response]:
     """EVT_C_FIND: send a pending response per match, then yield the final status."""
     caller = event.assoc.requestor.ae_title
+    if not permitted(event, "find"):
+        yield status(NOT_PERMITTED, REFUSAL), None
+        return
     try:
         yield from _find(event, archive)
     except OSError as exc:  # the requester's connection failed: nobody to answer

@@ -67,5 +67,7 @@ def handle_get(event: Event, archive: Archive) -> None:
     """EVT_C_GET, called by `services.dispatch`: answers the request itself."""
     writer = requester_writer(event.assoc)
     responder = Responder(event, writer)
+    if not responder.permitted():
+        return
     channel = RequesterChannel(event.assoc, writer, event.request.MessageID)
     serve_retrieve(event, archive, responder, lambda sender, matches: sender.send(channel, matches))

@@ -16,6 +16,7 @@ from pynetdicom.events import Event
 from pacs.archive import Archive
 from pacs.config import Config, RemoteAE
 from pacs.index.selection import Match
+from pacs.live import LiveConfig
 from pacs.scu import AssociationFailed, associate
 from pacs.sender import Sender, plan
 from pacs.services.retrieve import Responder, requester_writer, serve_retrieve
@@ -24,9 +25,12 @@ from pacs.statuses import MOVE_DESTINATION_UNKNOWN
 log = logging.getLogger(__name__)
 
 
-def handle_move(event: Event, archive: Archive, config: Config) -> None:
+def handle_move(event: Event, archive: Archive, live: LiveConfig) -> None:
     """EVT_C_MOVE, called by `services.dispatch`: answers the request itself."""
     responder = Responder(event, requester_writer(event.assoc))
+    if not responder.permitted():
+        return
+    config = live.current  # destinations as of now: remote_aes is reloaded on SIGHUP
     title = str(event.request.MoveDestination or "").strip()
     remote = config.remote_aes.get(title)
     if remote is None:

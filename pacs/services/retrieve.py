@@ -29,13 +29,14 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from pacs.access import REFUSAL, permitted
 from pacs.archive import Archive, OutOfResources
 from pacs.index.levels import PATIENT_ROOT, STUDY_ROOT
 from pacs.index.selection import Match, SelectionError
 from pacs.pdata import DATA_SET, NO_DATA_SET, PDataWriter, command_set, text, ui, us
 from pacs.sender import Sender, Tally
 from pacs.statuses import (
-    CANCEL, IDENTIFIER_MISMATCH, MATCHES_OUT_OF_RESOURCES, PENDING,
+    CANCEL, IDENTIFIER_MISMATCH, MATCHES_OUT_OF_RESOURCES, NOT_PERMITTED, PENDING,
     SUBOPS_OUT_OF_RESOURCES, SUBOPS_WARNING, SUCCESS, UNABLE_TO_PROCESS, error_comment,
 )
 
@@ -93,6 +94,13 @@ class Responder:
         else:
             code, comment = SUBOPS_WARNING, sender.problem
         self._send(code, comment, tally)
+
+    def permitted(self) -> bool:
+        """May the caller ask for this C-MOVE or C-GET (`pacs.access`)? If not, answer so."""
+        if permitted(self._event, "move" if self.kind == "C-MOVE" else "get"):
+            return True
+        self._send(NOT_PERMITTED, REFUSAL)
+        return False
 
     def fail(self, code: int, comment: str) -> None:
         """A final failure before any sub-operation."""

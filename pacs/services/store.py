@@ -16,9 +16,10 @@ from typing import BinaryIO
 from pydicom import Dataset
 from pynetdicom.events import Event
 
+from pacs.access import REFUSAL, permitted
 from pacs.archive import Archive, InvalidInstance, OutOfResources
 from pacs.statuses import (
-    CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCESS, status,
+    CANNOT_UNDERSTAND, DATASET_MISMATCH, NOT_PERMITTED, OUT_OF_RESOURCES, SUCCESS, status,
 )
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ def handle_store(event: Event, archive: Archive) -> Dataset:
     affected = str(event.request.AffectedSOPInstanceUID or "")
     caller = event.assoc.requestor.ae_title
     received = event.request._dataset_file
+    if not permitted(event, "store"):
+        return status(NOT_PERMITTED, REFUSAL)  # pynetdicom deletes the received file
     if isinstance(received, ReceiveFile) and received.error is not None:
         problem = f"cannot write the received data: {received.error.strerror or received.error}"
         log.error("C-STORE from %s refused (0xA700): %s", caller, problem)
