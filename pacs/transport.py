@@ -69,7 +69,11 @@ class BulkSocket(AssociationSocket):
 
 
 def tune_connection(event: Event) -> None:
-    """EVT_CONN_OPEN handler: Nagle off and the responsive poll, for both directions."""
+    """EVT_CONN_OPEN handler: Nagle off and the responsive poll, for both directions.
+
+    A TLS connection arrives here after its handshake; an SSLSocket takes the
+    socket option and `recv_into` like a plain one.
+    """
     assoc = event.assoc
     sock = getattr(assoc.dul.socket, "socket", None)
     if sock is not None:
