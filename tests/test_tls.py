@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from tests.conftest import (
 )
 from tests.dicomgen import make_study
 from tests.retrieve_support import RecordingSCP, counts, failed_uids, identifier, retrieve
+from tests.test_commitment import Modality
 from tests.test_config import assert_config_error
 from tests.tls_support import Certificates
 
@@ -253,6 +255,36 @@ def test_move_to_a_tls_destination_sends_identical_bytes(make_node, certs):
         dest.stop()
 
 
+@needs_dcmtk_tls
+def test_move_to_a_dcmtk_tls_storescp_byte_for_byte(make_node, certs, tmp_path):
+    port, folder = free_port(), tmp_path / "received"
+    folder.mkdir()
+    with open(tmp_path / "storescp.log", "wb") as log:
+        storescp = subprocess.Popen(
+            [str(DCMTK / "storescp"), "-aet", "DEST", "+B", "-od", str(folder), "+tls",
+             str(certs.server_key), str(certs.server), "+cf", str(certs.ca), str(port)],
+            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while tls_echo(port, certs.client_context()) != 0:
+            assert time.monotonic() < deadline, (tmp_path / "storescp.log").read_text()
+            time.sleep(0.1)
+        node = tls_node(make_node, certs, remote_aes={
+            "DEST": {"host": "127.0.0.1", "port": port, "tls": True}})
+        study = make_study(series=1, per_series=3)
+        assert [s.Status for s in send_datasets(node, study)] == [0] * 3
+        _, final, _ = retrieve(node, identifier("STUDY", StudyInstanceUID=study[0].StudyInstanceUID),
+                               StudyRootMove, destination="DEST")
+        assert final.Status == 0 and counts(final) == (3, 0, 0)
+        received = {str(dcmread(path, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(path)
+                    for path in folder.iterdir()}
+        assert received == {str(ds.SOPInstanceUID): dataset_bytes(
+            stored_path(node.config, str(ds.SOPInstanceUID))) for ds in study}
+    finally:
+        storescp.terminate()
+        storescp.wait(10)
+
+
 @pytest.mark.parametrize("who", ["destination not trusted", "our certificate not trusted"])
 def test_move_to_a_tls_destination_failing_the_handshake_fails_every_instance(make_node, certs, who):
     if who == "destination not trusted":  # its certificate is from a CA we do not know
@@ -285,6 +317,22 @@ def test_move_to_a_plain_destination_stays_plain(make_node, certs):
         assert final.Status == 0 and counts(final) == (2, 0, 0)
     finally:
         dest.stop()
+
+
+def test_commitment_report_to_a_tls_remote_goes_over_tls(make_node, certs):
+    modality = Modality()
+    try:
+        modality.listen(certs.server_context(certs.server, certs.server_key, certs.ca))
+        node = tls_node(make_node, certs, remote_aes={
+            "MODALITY": {"host": "127.0.0.1", "port": modality.port, "tls": True}})
+        study = make_study(series=1, per_series=2)
+        assert [s.Status for s in send_datasets(node, study)] == [0] * 2
+        refs = [(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in study]
+        assert modality.request(node, refs, keep_open=False)[0] == 0
+        event_type, outcome, same = modality.report()
+        assert event_type == 1 and outcome == {uid: None for _, uid in refs} and not same
+    finally:
+        modality.stop()
 
 
 @pytest.mark.parametrize("tls, key, problem", [
