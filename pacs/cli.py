@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from pacs.config import Config, ConfigError, load, resolve_path
+from pacs.endpoints import ListenError
 from pacs.index.db import DatabaseURLError
 from pacs.filestore import StoreWriteError
 
@@ -80,12 +81,9 @@ def _guarded(args: argparse.Namespace, config: Config, work: Callable[[], int]) 
     except StoreWriteError as exc:
         print(f"pacs: {config.source}: storage.root: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as exc:
-        if args.command == "serve":
-            print(f"pacs: {config.source}: host/port: cannot listen on "
-                  f"{config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
-            return EXIT_USAGE
-        raise
+    except ListenError as exc:  # `pacs serve` only
+        print(f"pacs: {config.source}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:

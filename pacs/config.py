@@ -14,6 +14,8 @@ from typing import Any, Mapping, get_args, get_origin, get_type_hints
 
 import yaml
 
+from pacs.tls import TLSSetupError, server_context
+
 DEFAULT_CONFIG = Path("config") / "pacs.yaml"
 PERMISSIONS = ("echo", "store", "find", "move", "get")
 
@@ -262,6 +264,13 @@ def load(path: str | os.PathLike) -> Config:
         for name in ("certificate", "private_key"):
             if getattr(config.tls, name) is None:
                 raise reader.fail(f"tls.{name}", "missing (TLS needs a certificate and a private key)")
+        if config.tls.plain_port and config.tls.port == config.port:
+            raise reader.fail("tls.port", f"must differ from port ({config.port}) while "
+                                          "tls.plain_port is true")
+        try:
+            server_context(config.tls)  # every file readable, the key matching the certificate
+        except TLSSetupError as exc:
+            raise reader.fail(f"tls.{exc.key}", str(exc)) from None
     storage = replace(config.storage, root=(reader.base / config.storage.root).resolve())
     database = replace(config.database, url=_resolve_sqlite(config.database.url, reader.base))
     return replace(config, storage=storage, database=database, source=path.resolve())

@@ -20,7 +20,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pacs import access
 from pacs.archive import Archive
 from pacs.config import Config
-from pacs.handoff import start_channel_server
+from pacs.endpoints import binding, endpoints
+from pacs.handoff import start_channel_server, start_listening
 from pacs.live import LiveConfig
 from pacs.sdnotify import notify
 from pacs.services import dispatch
@@ -33,6 +34,7 @@ from pacs.services.retrieve import RETRIEVE_CLASSES
 from pacs.services.store import (
     discard_partial, handle_store, open_receive_file, receive_into,
 )
+from pacs.tls import server_context
 from pacs.transport import tune_connection
 
 log = logging.getLogger(__name__)
@@ -88,14 +90,13 @@ class Node:
         self.archive = archive
         self.live = LiveConfig(config)  # remote_aes and security, reloaded on SIGHUP
         self.ae = build_ae(config, self.live)
-        self.server: ThreadedAssociationServer | None = None
+        self.servers: list[ThreadedAssociationServer] = []  # one per port, or the channel's
         self._sweeper = threading.Event()
 
     @property
     def port(self) -> int:
-        """The bound port (useful when the config asked for port 0)."""
-        assert self.server is not None
-        return self.server.server_address[1]
+        """The first bound port: the plain one, unless `tls.plain_port` is false."""
+        return self.servers[0].server_address[1]
 
     def handlers(self) -> list[tuple]:
         return [
@@ -110,18 +111,23 @@ class Node:
         ]
 
     def start(self, channel: socket.socket | None = None) -> None:
-        """Listen on the configured port, or serve what a supervisor hands over `channel`."""
+        """Listen on the configured ports, or serve what a supervisor hands over `channel`."""
         receive_into(self.archive.store.staging)
+        tls = server_context(self.config.tls) if self.config.tls is not None else None
         if channel is not None:
             # A worker: the supervisor listens, and cleaned staging before any worker started.
-            self.server = start_channel_server(self.ae, channel, self.handlers())
+            self.servers = [start_channel_server(self.ae, channel, self.handlers(), tls)]
             log.info("worker %d serving %s", os.getpid(), self.config.ae_title)
         else:
             clean_staging(self.archive)
-            self.server = self.ae.start_server(
-                (self.config.host, self.config.port), block=False, evt_handlers=self.handlers()
-            )
-            log.info("%s listening on %s:%d", self.config.ae_title, self.config.host, self.port)
+            for endpoint in endpoints(self.config):
+                with binding(endpoint, self.config.host):
+                    server = start_listening(self.ae, (self.config.host, endpoint.port),
+                                             self.handlers(), tls if endpoint.tls else None)
+                self.servers.append(server)
+            for server in self.servers:
+                log.info("%s listening on %s:%d%s", self.config.ae_title, self.config.host,
+                         server.server_address[1], " (TLS)" if server.ssl_context else "")
         threading.Thread(target=self._sweep, name="staging-sweeper", daemon=True).start()
 
     def _sweep(self) -> None:
@@ -134,14 +140,15 @@ class Node:
     def stop(self, grace: float = STOP_GRACE_S) -> None:
         """Stop accepting, let running associations finish (bounded), then abort the rest."""
         self._sweeper.set()
-        if self.server is None:
+        if not self.servers:
             return
-        server, self.server = self.server, None
-        server.shutdown()
+        servers, self.servers = self.servers, []
+        for server in servers:
+            server.shutdown()
         deadline = time.monotonic() + grace
-        while server.active_associations and time.monotonic() < deadline:
+        while any(s.active_associations for s in servers) and time.monotonic() < deadline:
             time.sleep(0.05)
-        for assoc in server.active_associations:
+        for assoc in [a for s in servers for a in s.active_associations]:
             log.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
             assoc.abort()
         receive_into(None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import struct
 from dataclasses import dataclass
 from typing import Iterable
@@ -178,10 +179,19 @@ def _negotiate(sock: socket.socket, where: str, request: bytes) -> A_ASSOCIATE:
     return accept.to_primitive()
 
 
+def _secure(sock: socket.socket, tls: ssl.SSLContext, host: str, where: str) -> ssl.SSLSocket:
+    """The client side of the TLS handshake (within the connect timeout)."""
+    try:
+        return tls.wrap_socket(sock, server_hostname=host)
+    except (OSError, ValueError) as exc:
+        raise AssociationFailed(f"TLS handshake with {where} failed: {exc}") from None
+
+
 def associate(host: str, port: int, calling: str, called: str, proposals: Iterable[Proposal],
               *, acse_timeout: float, dimse_timeout: float, max_pdu: int = 0,
-              originator: tuple[str, int] | None = None) -> StoreAssociation:
-    """Connect (TCP_NODELAY) and negotiate an association for C-STORE requests.
+              originator: tuple[str, int] | None = None,
+              tls: ssl.SSLContext | None = None) -> StoreAssociation:
+    """Connect (TCP_NODELAY, TLS with `tls`) and negotiate an association for C-STORE requests.
 
     `originator` is the C-MOVE requester's (AE title, Message ID), put in every
     request (PS3.7 9.1.1.1). Raises AssociationFailed.
@@ -196,6 +206,8 @@ def associate(host: str, port: int, calling: str, called: str, proposals: Iterab
         raise AssociationFailed(f"cannot connect to {where}: {exc.strerror or exc}") from None
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            sock = _secure(sock, tls, host, where)
         answer = _negotiate(sock, where, _request(calling, called, proposals, max_pdu))
     except AssociationFailed:
         sock.close()

@@ -3,8 +3,10 @@
 pynetdicom runs every association as Python threads in one process, so one
 process never uses more than one core (the GIL): parallel modalities would
 queue behind each other. `pacs serve` with `network.workers` > 1 therefore
-runs a supervisor that owns the listening socket, accepts each connection and
-hands the socket (SCM_RIGHTS) to the worker with the fewest open associations;
+runs a supervisor that owns the listening sockets (plain and TLS), accepts each
+connection and hands the socket (SCM_RIGHTS) to the worker with the fewest open
+associations, tagged plain or TLS: the worker does the TLS handshake, so the
+supervisor never holds a key or spends CPU on cryptography;
 each worker is a full node (archive, index connection, all services).
 Workers report each closed association back over the same channel. A worker
 that dies is restarted. On SIGHUP the supervisor checks the config file and,
@@ -27,11 +29,13 @@ from pathlib import Path
 from typing import Callable
 
 from pacs.config import Config, ConfigError, load
+from pacs.endpoints import binding, endpoints
 from pacs.sdnotify import notify
 
 log = logging.getLogger(__name__)
 CLOSED = b"c"           # worker -> supervisor: one association ended
 HANDOFF = b"h"          # supervisor -> worker: here is a connection
+HANDOFF_TLS = b"t"      # supervisor -> worker: here is a connection to wrap in TLS
 STOP_GRACE_S = 40
 
 
@@ -93,8 +97,8 @@ class _Pool:
         self.selector.register(worker.channel, selectors.EVENT_READ, worker)
         return worker
 
-    def hand_off(self, listener: socket.socket) -> None:
-        """Accept one connection and pass it to the worker with the fewest associations."""
+    def hand_off(self, listener: socket.socket, tag: bytes) -> None:
+        """Accept one connection and pass it, tagged, to the worker with the fewest associations."""
         try:
             conn, _ = listener.accept()
         except BlockingIOError:
@@ -102,7 +106,7 @@ class _Pool:
         with conn:
             for worker in sorted(self.workers, key=lambda w: w.active):
                 try:
-                    socket.send_fds(worker.channel, [HANDOFF], [conn.fileno()])
+                    socket.send_fds(worker.channel, [tag], [conn.fileno()])
                 except OSError:
                     continue
                 worker.active += 1
@@ -169,8 +173,12 @@ class _Pool:
 def supervise(config: Config, count: int, extra_args: list[str]) -> int:
     """Listen, hand connections to `count` workers, stop them all on SIGTERM/SIGINT."""
     assert config.source is not None
-    listener = socket.create_server((config.host, config.port), backlog=128)
-    listener.setblocking(False)
+    listeners = {}
+    for endpoint in endpoints(config):
+        with binding(endpoint, config.host):
+            listener = socket.create_server((config.host, endpoint.port), backlog=128)
+        listener.setblocking(False)
+        listeners[listener] = HANDOFF_TLS if endpoint.tls else HANDOFF
     wake_r, wake_w = socket.socketpair()
     stopping, reloading = threading.Event(), threading.Event()
 
@@ -181,15 +189,16 @@ def supervise(config: Config, count: int, extra_args: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     pool = _Pool(count, config.source, extra_args)
-    pool.selector.register(listener, selectors.EVENT_READ, "accept")
+    for listener, tag in listeners.items():
+        pool.selector.register(listener, selectors.EVENT_READ, tag)
+        log.info("%s listening on %s:%d%s with %d workers", config.ae_title, config.host,
+                 listener.getsockname()[1], " (TLS)" if tag == HANDOFF_TLS else "", count)
     pool.selector.register(wake_r, selectors.EVENT_READ, "wake")
-    log.info("%s listening on %s:%d with %d workers", config.ae_title, config.host,
-             config.port, count)
     notify("READY=1")
     while not stopping.is_set():
         for key, _ in pool.selector.select(timeout=1.0):
-            if key.data == "accept":
-                pool.hand_off(listener)
+            if key.data in (HANDOFF, HANDOFF_TLS):
+                pool.hand_off(key.fileobj, key.data)
             elif key.data == "wake":
                 wake_r.recv(64)
             elif isinstance(key.data, _Worker):
@@ -201,5 +210,6 @@ def supervise(config: Config, count: int, extra_args: list[str]) -> int:
             notify("READY=1")
         pool.restart_dead()
     notify("STOPPING=1")
-    listener.close()
+    for listener in listeners:
+        listener.close()
     return pool.stop()

@@ -176,7 +176,9 @@ def tune_connection(event: Event) -> None:
 
     An acceptor's threads have not started yet when this runs, so their loops
     can be changed safely; our requestors (C-MOVE, commitment) have their own
-    sender (pdata.py, scu.py) and are left as pynetdicom made them.
+    sender (pdata.py, scu.py) and are left as pynetdicom made them. A TLS
+    connection arrives here after its handshake; an SSLSocket takes the
+    socket option and `recv_into` like a plain one.
     """
     assoc = event.assoc
     sock = getattr(assoc.dul.socket, "socket", None)

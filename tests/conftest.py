@@ -143,11 +143,13 @@ class ServeProcess:
     """`pacs serve` in a subprocess; ready once C-ECHO succeeds."""
 
     def __init__(self, config_path: Path, extra_env: dict | None = None,
-                 prefix: tuple[str, ...] = ()):
-        """`prefix` goes before the command, e.g. a wrapper that drops privileges."""
+                 prefix: tuple[str, ...] = (), tls_args: tuple | None = None):
+        """`prefix` goes before the command, e.g. a wrapper that drops privileges;
+        `tls_args` (pynetdicom's): check readiness on the TLS port with them."""
         self.config_path = config_path
         self.config = load(config_path)
         self.port = self.config.port
+        self.tls_args = tls_args
         self.ae_title = self.config.ae_title
         env = {**os.environ, **(extra_env or {})}
         self.log = open(config_path.parent / "serve.log", "wb")
@@ -164,7 +166,8 @@ class ServeProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pacs serve exited {self.proc.returncode}: {self.log_text()}")
-            assoc = ae.associate("127.0.0.1", self.port, ae_title=self.ae_title)
+            port = self.config.tls.port if self.tls_args else self.port
+            assoc = ae.associate("127.0.0.1", port, ae_title=self.ae_title, tls_args=self.tls_args)
             if assoc.is_established:
                 status = assoc.send_c_echo()
                 assoc.release()
@@ -193,13 +196,14 @@ class ServeProcess:
 
 @pytest.fixture
 def serve_process(tmp_path):
-    """Factory: serve_process(prefix=(), **config overrides) -> ServeProcess, killed at teardown."""
+    """Factory: serve_process(prefix=(), tls_args=None, **config overrides) -> ServeProcess,
+    killed at teardown."""
     started = []
 
-    def start(prefix: tuple[str, ...] = (), **overrides):
+    def start(prefix: tuple[str, ...] = (), tls_args: tuple | None = None, **overrides):
         folder = tmp_path / f"proc{len(started)}"
         folder.mkdir()
-        proc = ServeProcess(write_config(folder, **overrides), prefix=prefix)
+        proc = ServeProcess(write_config(folder, **overrides), prefix=prefix, tls_args=tls_args)
         started.append(proc)
         return proc
 

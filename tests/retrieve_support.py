@@ -89,7 +89,7 @@ class RecordingSCP:
     """A pynetdicom storage SCP that records each C-STORE it gets."""
 
     def __init__(self, ae_title: str = "DEST", syntaxes: list[str] | None = None,
-                 abort_after: int | None = None, delay: float = 0.0):
+                 abort_after: int | None = None, delay: float = 0.0, ssl_context=None):
         self.ae_title = ae_title
         self.port = free_port()
         self.received: dict[str, tuple[str, bytes]] = {}  # UID -> (transfer syntax, bytes)
@@ -102,7 +102,8 @@ class RecordingSCP:
         ae.add_supported_context(Verification)
         for uid in _STORAGE_CLASSES.values():
             ae.add_supported_context(uid, syntaxes or UNCOMPRESSED)
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      ssl_context=ssl_context, evt_handlers=[
             (evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_accepted)])
 
     def _on_accepted(self, event) -> None:

@@ -30,10 +30,12 @@ class Modality:
         self.port = free_port()
         self.server = None
 
-    def listen(self) -> None:
-        """Accept the archive's association for a report sent after we released."""
+    def listen(self, ssl_context=None) -> None:
+        """Accept the archive's association for a report sent after we released (TLS with
+        `ssl_context`)."""
         self.ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
-        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
+                                           ssl_context=ssl_context, evt_handlers=[
             (evt.EVT_N_EVENT_REPORT, self._on_report, [False])])
 
     def _on_report(self, event, same: bool) -> tuple[int, None]:

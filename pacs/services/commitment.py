@@ -5,7 +5,7 @@ every referenced instance is checked: in the index, and its file on disk with
 the recorded size. The N-EVENT-REPORT (event type 1: all committed, 2: some
 failed, PS3.4 J.3.3) goes on the same association when it is still open a moment
 after the response, else on a new association to the requester's `remote_aes` entry, proposing the SCP role
-(PS3.4 J.3.3), as dcm4chee does. That new association is opened from another
+(PS3.4 J.3.3), as dcm4chee does (over TLS when the entry says `tls: true`). That new association is opened from another
 thread so the requester's release is answered meanwhile.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pacs.statuses import (
     CLASS_INSTANCE_CONFLICT, MISSING_ATTRIBUTE, NO_SUCH_ACTION, NOT_AUTHORIZED,
     NO_SUCH_OBJECT_INSTANCE, PROCESSING_FAILURE, SUCCESS, error_comment,
 )
+from pacs.tls import client_context
 
 log = logging.getLogger(__name__)
 PUSH_MODEL_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP Instance (PS3.4 J.3.5)
@@ -183,7 +184,8 @@ def _report_anew(config: Config, caller: str, event_type: int, report: Dataset) 
     ae.dimse_timeout = config.network.dimse_timeout
     ae.add_requested_context(StorageCommitmentPushModel)
     role = build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)
-    assoc = ae.associate(remote.host, remote.port, ae_title=caller, ext_neg=[role])
+    tls = (client_context(config.tls), remote.host) if remote.tls else None
+    assoc = ae.associate(remote.host, remote.port, ae_title=caller, ext_neg=[role], tls_args=tls)
     if not assoc.is_established:
         log.error("storage commitment report for %s not delivered: cannot associate with %s "
                   "at %s:%d", report.TransactionUID, caller, remote.host, remote.port)

@@ -17,7 +17,6 @@ reads. The final status goes through pynetdicom, after the generator's last yiel
 from __future__ import annotations
 
 import logging
-import ssl
 from typing import Iterator
 
 from peewee import PeeweeException
@@ -67,11 +66,6 @@ class PendingWriter:
             0x0120: us(request.MessageID), 0x0800: us(DATA_SET), 0x0900: us(PENDING),
         })
 
-    @staticmethod
-    def usable(event: Event) -> bool:
-        """Plain TCP only: a TLS socket must not be written while the DUL thread reads it."""
-        return not isinstance(event.assoc.dul.socket.socket, ssl.SSLSocket)
-
     def send(self, answer: Answer) -> None:
         """Raises OSError when the connection fails, ValueError when the answer won't encode."""
         if self._by_hand:
@@ -115,7 +109,7 @@ def _find(event: Event, archive: Archive) -> Iterator[Response]:
         log.warning("C-FIND from %s refused (0xA900): %s", caller, exc)
         yield status(IDENTIFIER_MISMATCH, f"cannot decode the identifier: {exc}"), None
         return
-    writer = PendingWriter(event) if PendingWriter.usable(event) else None
+    writer = PendingWriter(event)
     limit = config.query.max_results
     count = 0
     for answer in find.responses():
@@ -129,10 +123,7 @@ def _find(event: Event, archive: Archive) -> Iterator[Response]:
                          f"more than {limit} matches; only the first {limit} were sent"), None
             return
         count += 1
-        if writer is None:
-            yield PENDING, answer.dataset()
-        else:
-            writer.send(answer)
+        writer.send(answer)
     log.debug("C-FIND from %s: %d matches", caller, count)
     yield SUCCESS, None
 

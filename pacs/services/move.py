@@ -5,7 +5,9 @@ and no sub-operations. Each batch of at most 128 presentation contexts gets one
 sub-association (`pacs.scu`), proposing exactly the SOP classes and transfer
 syntaxes of its instances plus uncompressed fallbacks. A destination that cannot
 be reached fails every instance of its batch, so the final response is 0xA702
-naming them all, as dcmqrscp does (it fails all sub-operations).
+naming them all, as dcmqrscp does (it fails all sub-operations). To a remote
+marked `tls: true` the sub-association uses TLS (`pacs.tls.client_context`); a
+failed handshake is an unreachable destination.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pacs.scu import AssociationFailed, associate
 from pacs.sender import Sender, plan
 from pacs.services.retrieve import Responder, requester_writer, serve_retrieve
 from pacs.statuses import MOVE_DESTINATION_UNKNOWN
+from pacs.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +51,12 @@ def handle_move(event: Event, archive: Archive, live: LiveConfig) -> None:
 def _push(sender: Sender, matches: list[Match], config: Config, title: str, remote: RemoteAE,
           originator: tuple[str, int]) -> None:
     net = config.network
+    tls = client_context(config.tls) if remote.tls else None
     for proposals, batch in plan(matches):
-        if remote.tls:
-            sender.fail(batch, f"TLS to {title} is not supported for C-MOVE yet")
-            continue
         try:
             assoc = associate(remote.host, remote.port, config.ae_title, title, proposals,
                               acse_timeout=net.acse_timeout, dimse_timeout=net.dimse_timeout,
-                              max_pdu=net.max_pdu, originator=originator)
+                              max_pdu=net.max_pdu, originator=originator, tls=tls)
         except AssociationFailed as exc:
             sender.fail(batch, str(exc))
             continue

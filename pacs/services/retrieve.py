@@ -59,8 +59,7 @@ Deliver = Callable[[Sender, list[Match]], None]
 def requester_writer(assoc: Association) -> PDataWriter:
     """A writer on the requester's socket; pynetdicom's DUL thread still reads it.
 
-    Plain TCP only: an SSL socket must not be written by this thread while the DUL
-    thread reads it, so a TLS listener must route these writes through the DUL.
+    A TLS socket allows that too: `pacs.tls.SerializedSSLSocket` takes turns.
     """
     return PDataWriter(assoc.dul.socket.socket, assoc.dimse.maximum_pdu_size)
 
