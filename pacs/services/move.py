@@ -28,6 +28,7 @@ def handle_move(event: Event, archive: Archive, config: Config) -> None:
     """EVT_C_MOVE, called by `services.dispatch`: answers the request itself."""
     responder = Responder(event, requester_writer(event.assoc))
     title = str(event.request.MoveDestination or "").strip()
+    responder.op.destination = title
     remote = config.remote_aes.get(title)
     if remote is None:
         responder.fail(MOVE_DESTINATION_UNKNOWN,
