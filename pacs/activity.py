@@ -135,21 +135,22 @@ class Operation:
         self.model = f"{root.title()} Root"
         self.time = utcnow()
         self.level = ""
-        self.keys = "(identifier not decoded)"
         self.patient_id = ""
         self.studies: list[str] = []
         self.destination = ""
         self.count = 0  # C-FIND matches, or C-MOVE/C-GET sub-operations completed
         count(self.assoc, service)
-
-    def describe(self, identifier: Dataset) -> None:
-        """Take level and keys from the decoded identifier (values masked but for DEBUG)."""
+        try:
+            identifier = event.identifier  # decoded once: pynetdicom keeps it for the service
+        except Exception:  # the service refuses it with its own status
+            self.keys = "(undecodable identifier)"
+            return
         self.level = str(identifier.get("QueryRetrieveLevel", "") or "").strip()[:16]
         self.keys = keys_summary(identifier)
         self.patient_id = "\\".join(key_values(identifier, "PatientID"))[:256]
         self.studies = key_values(identifier, "StudyInstanceUID")
         if oplog.isEnabledFor(logging.DEBUG):
-            oplog.debug("#%d %s identifier: %s", number(self.assoc), self.service,
+            oplog.debug("#%d %s identifier: %s", number(self.assoc), service,
                         keys_summary(identifier, reveal=True))
 
     def finish(self, code: int | None, comment: str = "", failed: int = 0,

@@ -159,17 +159,19 @@ def test_debug_shows_patient_names_and_each_store(serve_process):
 
 def test_failed_operation_logs_a_warning_with_its_status(serve_process):
     proc = serve_process()
-    _, final, _ = retrieve(proc, identifier("STUDY", StudyInstanceUID="1.2.3"), StudyRootMove,
-                           destination="NOWHERE")
+    _, final, _ = retrieve(proc, identifier("STUDY", StudyInstanceUID="1.2.3", PatientName="X"),
+                           StudyRootMove, destination="NOWHERE")
     assert final.Status == 0xA801
     assert proc.terminate() == 0
     assert re.search(r"WARNING \[\d+\] pacs\.operation: #\d+ C-MOVE from RETRIEVER to NOWHERE: "
-                     r"Study Root - \(identifier not decoded\): 0 completed, 0 failed, 0 warning, "
+                     r"Study Root STUDY PatientName=\*\*\* StudyInstanceUID=1\.2\.3: 0 completed, "
+                     r"0 failed, 0 warning, "
                      r"status 0xA801 \(Move Destination 'NOWHERE' is not in remote_aes\)",
                      proc.log_text()), proc.log_text()
     result = run_pacs("audit", "--since", "10m", config=proc.config_path)
     assert re.fullmatch(r"\S+Z move RETRIEVER@127\.0\.0\.1:\d+ status=0xA801 count=0 to=NOWHERE "
-                        r"\[Study Root - \(identifier not decoded\)\]\n", result.stdout), result.stdout
+                        r"studies=1\.2\.3 \[Study Root STUDY PatientName=\*\*\* StudyInstanceUID=1\.2\.3\]\n",
+                        result.stdout), result.stdout
 
 
 def test_bad_since_is_a_usage_error(tmp_path):

@@ -109,7 +109,6 @@ def _find(event: Event, archive: Archive, op: Operation) -> Iterator[Response]:
     config = archive.config
     try:
         identifier = event.identifier
-        op.describe(identifier)
     except Exception as exc:  # the identifier does not even decode
         yield status(IDENTIFIER_MISMATCH, f"cannot decode the identifier: {exc}"), None
         return

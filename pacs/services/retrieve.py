@@ -160,7 +160,6 @@ def serve_retrieve(event: Event, archive: Archive, responder: Responder, deliver
 def _serve(event: Event, archive: Archive, responder: Responder, deliver: Deliver) -> None:
     try:
         identifier = event.identifier
-        responder.op.describe(identifier)
     except Exception as exc:
         responder.fail(IDENTIFIER_MISMATCH, f"cannot decode the identifier: {exc}")
         return
