@@ -225,9 +225,13 @@ def on_close(event: Event, archive: Any) -> None:
 
 
 def _finish(assoc: Association, record: Activity) -> str:
-    """How it ended. The DUL thread may close the connection (state Sta13: our A-RELEASE-RP,
-    A-ASSOCIATE-RJ or A-ABORT went out) a moment before the thread that sent it
-    triggers its event, so wait for that event briefly."""
+    """How it ended. The DUL thread may close the connection a moment before the
+    thread that ended the association triggers its event: wait briefly when our
+    A-RELEASE-RP, A-ASSOCIATE-RJ or A-ABORT went out (state Sta13), and look for a
+    peer's A-ABORT the association thread has not read yet."""
     if not record.ended.is_set() and assoc.dul.state_machine.current_state == "Sta13":
         record.ended.wait(_END_WAIT_S)
-    return record.outcome or "aborted (connection closed)"
+    if record.outcome:
+        return record.outcome
+    peer_aborted = assoc.is_aborted or assoc.acse.is_aborted("a-abort")
+    return "aborted" if peer_aborted else "aborted (connection closed)"

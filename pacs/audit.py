@@ -11,7 +11,8 @@ from pacs.index.models import AuditEvent
 
 _DURATION = re.compile(r"(\d+)\s*([smhdw])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-FORMS = "an ISO date or time (2024-05-01, 2024-05-01T08:00Z) or a duration back from now (90m, 12h, 7d, 2w)"
+FORMS = ("an ISO date or time (2024-05-01, 2024-05-01T08:00Z) "
+         "or a duration back from now (90m, 12h, 7d, 2w)")
 
 
 class BadTime(ValueError):

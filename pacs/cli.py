@@ -1,4 +1,5 @@
-"""`pacs serve | import | reindex | verify | stats | audit`: parse arguments, map errors to exit codes.
+"""The `pacs` commands (serve, import, reindex, verify, stats, audit): parse arguments, map
+errors to exit codes.
 
 Exit codes: 0 success, 1 problems found (import failures, verify
 inconsistencies), 2 a bad config or command line (one line, no traceback).
@@ -39,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, parents=[common], help=text)
         if name != "stats":
             cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
-    audit = sub.add_parser("audit", parents=[common], help="print the audit trail of a time window")
+    audit = sub.add_parser("audit", parents=[common],
+                           help="print the audit trail of a time window")
     audit.add_argument("--since", required=True, metavar="WHEN",
                        help="ISO date/time (2024-05-01, 2024-05-01T08:00Z) or duration (12h, 7d)")
     audit.add_argument("--until", metavar="WHEN", help="end of the window, same forms")

@@ -48,8 +48,7 @@ class SharedRotatingFileHandler(RotatingFileHandler):
         except FileNotFoundError:
             on_disk = None
         if self.stream is not None:
-            mine = os.fstat(self.stream.fileno())
-            if on_disk is not None and (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino):
+            if on_disk is not None and os.path.samestat(on_disk, os.fstat(self.stream.fileno())):
                 return
             self.stream.close()
         self.stream = self._open()
@@ -62,7 +61,7 @@ class SharedRotatingFileHandler(RotatingFileHandler):
 
 
 def setup_logging(config: Config, override: str | None) -> None:
-    """Log to stderr and, if configured, the shared rotating file; ConfigError if it cannot be opened."""
+    """Log to stderr and, if configured, the shared rotating file (ConfigError if it won't open)."""
     level = override or config.logging.level
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     settings = config.logging

@@ -17,7 +17,7 @@ from pynetdicom.sop_class import (
 )
 
 from pacs.logs import SharedRotatingFileHandler
-from tests.conftest import run_pacs, send_datasets
+from tests.conftest import associate, run_pacs, send_datasets
 from tests.dicomgen import make_study
 from tests.retrieve_support import RecordingSCP, counts, identifier, retrieve
 
@@ -76,6 +76,9 @@ def test_store_find_move_get_log_lines_and_audit(serve_process):
         got, received = get(proc, study_uid)
         assert got.Status == 0 and len(received) == 3
         rejected_association(proc)
+        aborted = associate(proc, ae_title="ABORTER")
+        assert aborted.send_c_echo().Status == 0
+        aborted.abort()
         assert proc.terminate() == 0
     finally:
         dest.stop()
@@ -90,6 +93,11 @@ def test_store_find_move_get_log_lines_and_audit(serve_process):
                             r"title not recognised\) after \d+\.\d{3} s; no operations", line)
                for line in assoc_lines), assoc_lines
     assert sum(line.startswith("RETRIEVER@") for line in assoc_lines) == 2
+    # "(connection closed)" only when the DUL thread wins a narrow race (activity._finish)
+    assert any(re.fullmatch(r"ABORTER@127\.0\.0\.1:\d+ -> MINIPACS: aborted "
+                            r"(\(connection closed\) )?"
+                            r"after \d+\.\d{3} s; C-ECHO 1", line)
+               for line in assoc_lines), assoc_lines
     # One line per C-FIND, C-MOVE, C-GET with model, level, keys, counts and final status.
     op_lines = re.findall(r"INFO \[\d+\] pacs\.operation: #\d+ (.*)", text)
     assert ("C-FIND from FINDSCU: Study Root STUDY PatientName=*** (+2 return keys): "
@@ -115,8 +123,9 @@ def test_store_find_move_get_log_lines_and_audit(serve_process):
     assert re.fullmatch(r"127\.0\.0\.1:\d+", by_type["store"]["peer"])
     assert by_type["find"]["calling_ae"] == "FINDSCU" and by_type["find"]["count"] == 1
     assert by_type["find"]["detail"] == "Study Root STUDY PatientName=*** (+2 return keys)"
-    assert (by_type["move"]["destination"], by_type["move"]["studies"],
-            by_type["move"]["patient_id"], by_type["move"]["count"]) == ("DEST", [study_uid], PID, 3)
+    move = by_type["move"]
+    assert (move["destination"], move["studies"], move["patient_id"], move["count"]) == (
+        "DEST", [study_uid], PID, 3)
     assert (by_type["get"]["calling_ae"], by_type["get"]["studies"],
             by_type["get"]["count"], by_type["get"]["status"]) == ("RETRIEVER", [study_uid], 3, 0)
     assert all("SECRETNAME" not in json.dumps(event) for event in events)
@@ -170,7 +179,8 @@ def test_failed_operation_logs_a_warning_with_its_status(serve_process):
                      proc.log_text()), proc.log_text()
     result = run_pacs("audit", "--since", "10m", config=proc.config_path)
     assert re.fullmatch(r"\S+Z move RETRIEVER@127\.0\.0\.1:\d+ status=0xA801 count=0 to=NOWHERE "
-                        r"studies=1\.2\.3 \[Study Root STUDY PatientName=\*\*\* StudyInstanceUID=1\.2\.3\]\n",
+                        r"studies=1\.2\.3 "
+                        r"\[Study Root STUDY PatientName=\*\*\* StudyInstanceUID=1\.2\.3\]\n",
                         result.stdout), result.stdout
 
 
@@ -190,7 +200,8 @@ def test_shared_log_file_rotates_once_for_all_writers(tmp_path):
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(message)s"))
     for number in range(100):
-        handlers[number % 2].emit(logging.makeLogRecord({"msg": f"record {number:03d} " + "x" * 20}))
+        record = logging.makeLogRecord({"msg": f"record {number:03d} " + "x" * 20})
+        handlers[number % 2].emit(record)
     for handler in handlers:
         handler.close()
     files = [path] + sorted(tmp_path.glob("pacs.log.[0-9]*"), key=lambda p: int(p.suffix[1:]))

@@ -21,6 +21,7 @@ from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
+from pacs import activity
 from pacs.archive import Archive, OutOfResources
 from pacs.config import Config
 from pacs.statuses import (
@@ -127,6 +128,7 @@ def commitment_report(archive: Archive, transaction: str, refs: list[tuple[str, 
 def handle_commitment(event: Event, archive: Archive, config: Config) -> None:
     """EVT_N_ACTION, called by `services.dispatch`: answers, checks, reports."""
     caller = event.assoc.requestor.ae_title
+    activity.count(event.assoc, "N-ACTION")
     try:
         transaction, refs = _references(event)
     except BadRequest as exc:
