@@ -35,11 +35,11 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 
 from pacs.index.selection import key_values
+from pacs.statuses import CANCEL, PENDING, PENDING_WARNING, SUCCESS
 from pacs.summary import keys_summary
 
 log = logging.getLogger("pacs.association")
 oplog = logging.getLogger("pacs.operation")
-_PENDING = (0xFF00, 0xFF01)
 _END_WAIT_S = 1.0  # see _finish
 _numbers = itertools.count(1)
 _activities: "weakref.WeakKeyDictionary[Association, Activity]" = weakref.WeakKeyDictionary()
@@ -157,7 +157,7 @@ class Operation:
                warning: int = 0) -> None:
         """Log the final status (None: the connection was lost) and keep the audit event."""
         kind = self.service[2:].lower()
-        good = code is not None and (code in (0x0000, 0xFE00) or code & 0xF000 == 0xB000)
+        good = code is not None and (code in (SUCCESS, CANCEL) or code & 0xF000 == 0xB000)
         level = logging.INFO if good else logging.WARNING
         if oplog.isEnabledFor(level):
             if kind == "find":
@@ -181,7 +181,7 @@ class Operation:
 def final_code(response: Dataset | int) -> int | None:
     """The status of a handler's response, None while it is pending."""
     code = response if isinstance(response, int) else int(response.Status)
-    return None if code in _PENDING else code
+    return None if code in (PENDING, PENDING_WARNING) else code
 
 
 def on_open(event: Event) -> None:

@@ -33,14 +33,13 @@ class SharedRotatingFileHandler(RotatingFileHandler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        except OSError:
+            try:
+                self._reopen_if_rotated()
+                super().emit(record)
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        except Exception:  # as logging does: report on stderr, never raise into the caller
             self.handleError(record)
-            return
-        try:
-            self._reopen_if_rotated()
-            super().emit(record)
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _reopen_if_rotated(self) -> None:
         try:

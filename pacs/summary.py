@@ -37,7 +37,7 @@ def _summary(identifier: Dataset, reveal: bool) -> str:
             continue
         if element.VR == "SQ":
             parts.append(f"{keyword}[{len(element.value or [])}]")
-        elif element.value in (None, "", b"") or element.is_empty:
+        elif element.is_empty:
             returned += 1
         elif reveal or _plain(element, keyword):
             parts.append(f"{keyword}={_value(element)}")

@@ -168,20 +168,29 @@ def test_debug_shows_patient_names_and_each_store(serve_process):
 
 def test_failed_operation_logs_a_warning_with_its_status(serve_process):
     proc = serve_process()
-    _, final, _ = retrieve(proc, identifier("STUDY", StudyInstanceUID="1.2.3", PatientName="X"),
-                           StudyRootMove, destination="NOWHERE")
+    keys = identifier("STUDY", StudyInstanceUID="1.2.3", PatientName="DOE^J", PatientID="PID9",
+                      PatientBirthDate="19700101", AccessionNumber="ACC1",
+                      StudyDescription="Knee, Dr Who", ModalitiesInStudy=["CT", "MR", "US", "XA"],
+                      StudyDate="20240101-", StudyTime="")
+    _, final, _ = retrieve(proc, keys, StudyRootMove, destination="NOWHERE")
     assert final.Status == 0xA801
     assert proc.terminate() == 0
     assert re.search(r"WARNING \[\d+\] pacs\.operation: #\d+ C-MOVE from RETRIEVER to NOWHERE: "
-                     r"Study Root STUDY PatientName=\*\*\* StudyInstanceUID=1\.2\.3: 0 completed, "
-                     r"0 failed, 0 warning, "
-                     r"status 0xA801 \(Move Destination 'NOWHERE' is not in remote_aes\)",
+                     r"Study Root STUDY StudyDate=20240101- AccessionNumber=\*\*\* "
+                     r"ModalitiesInStudy=CT\\MR\\US\\\.\.\. \(4 values\) StudyDescription=\*\*\* "
+                     r"PatientName=\*\*\* PatientID=\*\*\* PatientBirthDate=\*\*\* "
+                     r"StudyInstanceUID=1\.2\.3 \(\+1 return keys\): "
+                     r"0 completed, 0 failed, 0 warning, status 0xA801 "
+                     r"\(Move Destination 'NOWHERE' is not in remote_aes\)",
                      proc.log_text()), proc.log_text()
     result = run_pacs("audit", "--since", "10m", config=proc.config_path)
     assert re.fullmatch(r"\S+Z move RETRIEVER@127\.0\.0\.1:\d+ status=0xA801 count=0 to=NOWHERE "
-                        r"studies=1\.2\.3 "
-                        r"\[Study Root STUDY PatientName=\*\*\* StudyInstanceUID=1\.2\.3\]\n",
+                        r"patient=PID9 studies=1\.2\.3 \[Study Root STUDY StudyDate=20240101- "
+                        r".* StudyInstanceUID=1\.2\.3 \(\+1 return keys\)\]\n",
                         result.stdout), result.stdout
+    for secret in ("DOE", "19700101", "ACC1", "Knee"):
+        assert secret not in proc.log_text() and secret not in result.stdout
+    assert "PID9" not in proc.log_text()  # the audit trail keeps patient IDs, INFO logs do not
 
 
 def test_bad_since_is_a_usage_error(tmp_path):
