@@ -143,8 +143,8 @@ class ServeProcess:
     """`pacs serve` in a subprocess; ready once C-ECHO succeeds."""
 
     def __init__(self, config_path: Path, extra_env: dict | None = None,
-                 prefix: tuple[str, ...] = ()):
-        """`prefix` goes before the command, e.g. a wrapper that drops privileges."""
+                 prefix: tuple[str, ...] = (), args: tuple[str, ...] = ()):
+        """`prefix` goes before the command, e.g. a wrapper that drops privileges; `args` after."""
         self.config_path = config_path
         self.config = load(config_path)
         self.port = self.config.port
@@ -152,7 +152,7 @@ class ServeProcess:
         env = {**os.environ, **(extra_env or {})}
         self.log = open(config_path.parent / "serve.log", "wb")
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "pacs", "serve", "--config", str(config_path)],
+            [*prefix, sys.executable, "-m", "pacs", "serve", "--config", str(config_path), *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         self._wait_ready()
@@ -193,13 +193,14 @@ class ServeProcess:
 
 @pytest.fixture
 def serve_process(tmp_path):
-    """Factory: serve_process(prefix=(), **config overrides) -> ServeProcess, killed at teardown."""
+    """Factory: serve_process(prefix=(), args=(), **config overrides) -> ServeProcess, killed at
+    teardown."""
     started = []
 
-    def start(prefix: tuple[str, ...] = (), **overrides):
+    def start(prefix: tuple[str, ...] = (), args: tuple[str, ...] = (), **overrides):
         folder = tmp_path / f"proc{len(started)}"
         folder.mkdir()
-        proc = ServeProcess(write_config(folder, **overrides), prefix=prefix)
+        proc = ServeProcess(write_config(folder, **overrides), prefix=prefix, args=args)
         started.append(proc)
         return proc
 

@@ -147,7 +147,7 @@ def test_store_find_move_get_log_lines_and_audit(serve_process):
 
 
 def test_debug_shows_patient_names_and_each_store(serve_process):
-    proc = serve_process(logging={"level": "DEBUG"})
+    proc = serve_process(args=("--log-level", "DEBUG"), logging={"level": "WARNING"})
     study = make_study(patient_id=PID, series=1, per_series=2)
     for ds in study:
         ds.PatientName = NAME
@@ -220,7 +220,8 @@ def test_shared_log_file_rotates_once_for_all_writers(tmp_path):
 
 
 def test_workers_log_with_their_pid_to_stderr_and_the_shared_file(serve_process):
-    proc = serve_process(network={"workers": 2}, logging={"file": "logs/pacs.log"})
+    proc = serve_process(args=("--log-level", "DEBUG"), network={"workers": 2},
+                         logging={"file": "logs/pacs.log"})
     study = make_study(patient_id=PID, series=1, per_series=2)
     assert [s.Status for s in send_datasets(proc, study, ae_title="MODALITY")] == [0, 0]
     assert proc.terminate() == 0
@@ -232,6 +233,10 @@ def test_workers_log_with_their_pid_to_stderr_and_the_shared_file(serve_process)
         store_line = re.search(r"INFO \[(\d+)\] pacs\.association: association #\d+ MODALITY@"
                                r".*C-STORE 2 \(stored 2 in 1 study, 0 failed\)", text)
         assert store_line and store_line[1] in workers, text
+        # --log-level reaches the workers
+        stores = re.findall(r"DEBUG \[(\d+)\] pacs\.services\.store: #\d+ C-STORE from "
+                            r"MODALITY", text)
+        assert stores == [store_line[1]] * 2, text
     audit = run_pacs("audit", "--since", "1h", "--type", "store", config=proc.config_path)
     assert re.fullmatch(rf"\S+Z store MODALITY@127\.0\.0\.1:\d+ status=0x0000 count=2 "
                         rf"patient={PID} studies={re.escape(str(study[0].StudyInstanceUID))}\n",
