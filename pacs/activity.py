@@ -194,12 +194,15 @@ def on_end(event: Event) -> None:
     record = activity(event.assoc)
     if not record.outcome:
         if event.event is evt.EVT_REJECTED:
-            reject = event.assoc.acceptor.primitive
-            reason = reject.reason_str if reject is not None else "no reason given"
-            record.outcome = f"rejected ({reason})"
+            record.outcome = _rejection(event.assoc)
         else:
             record.outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
     record.ended.set()
+
+
+def _rejection(assoc: Association) -> str:
+    reject = assoc.acceptor.primitive
+    return f"rejected ({reject.reason_str if reject is not None else 'no reason given'})"
 
 
 def on_close(event: Event, archive: Any) -> None:
@@ -228,7 +231,10 @@ def _finish(assoc: Association, record: Activity) -> str:
     """How it ended. The DUL thread may close the connection a moment before the
     thread that ended the association triggers its event: wait briefly when our
     A-RELEASE-RP, A-ASSOCIATE-RJ or A-ABORT went out (state Sta13), and look for a
-    peer's A-ABORT the association thread has not read yet."""
+    peer's A-ABORT the association thread has not read yet. A rejection sent without
+    EVT_REJECTED (by a handler of ours, say) still reads as one."""
+    if assoc.is_rejected and not record.outcome:
+        return _rejection(assoc)
     if not record.ended.is_set() and assoc.dul.state_machine.current_state == "Sta13":
         record.ended.wait(_END_WAIT_S)
     if record.outcome:
