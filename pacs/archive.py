@@ -24,9 +24,10 @@ from pacs.committer import GroupCommitter
 from pacs.config import Config
 from pacs.filestore import FileStore, StoreWriteError
 from pacs.header import InvalidInstance, check_identity, read_header
+from pacs.index.audit import write_events
 from pacs.index.db import close_database, open_database
 from pacs.index.models import Instance
-from pacs.index.records import InstanceRecord, build_record
+from pacs.index.records import InstanceRecord, build_record, text
 from pacs.index.selection import Match, find_instances, select_matches
 from pacs.index.writer import IndexWriter
 
@@ -49,6 +50,8 @@ class Ingested:
     sop_uid: str
     outcome: Outcome
     size: int
+    study_uid: str  # with patient_id, for the audit trail
+    patient_id: str
 
 
 @contextmanager
@@ -102,7 +105,8 @@ class Archive:
         self.check_space()
         header = read_header(path)
         uids = check_identity(header.dataset, affected_sop_uid)
-        sop_uid = uids[0]
+        sop_uid, study_uid = uids[0], uids[2]
+        patient_id = text(header.dataset, "PatientID", 64)
         relpath = self.store.relpath(sop_uid)
         with self._lock_for(sop_uid):
             # The name is the UID's, so a stat finds duplicates; only then ask the index,
@@ -111,7 +115,7 @@ class Archive:
             if existed and self.config.storage.on_duplicate == "keep":
                 if owned:
                     self.store.discard(path)
-                return Ingested(sop_uid, Outcome.DUPLICATE, 0)
+                return Ingested(sop_uid, Outcome.DUPLICATE, 0, study_uid, patient_id)
             try:
                 staged = path if owned else self.store.copy_in(path)
                 _, size = self.store.commit(staged, relpath)
@@ -121,7 +125,8 @@ class Archive:
                                   header.blob)
             with _index_errors():
                 self._committer.commit((record, relpath))
-        return Ingested(sop_uid, Outcome.REPLACED if existed else Outcome.STORED, size)
+        return Ingested(sop_uid, Outcome.REPLACED if existed else Outcome.STORED, size, study_uid,
+                        patient_id)
 
     def _indexed(self, sop_uid: str) -> bool:
         with _index_errors():
@@ -131,6 +136,10 @@ class Archive:
         """The instances a C-MOVE/C-GET identifier names (raises SelectionError, OutOfResources)."""
         with _index_errors():
             return select_matches(identifier, root)
+
+    def record_audit(self, rows: Sequence[dict]) -> None:
+        """Add audit events (`pacs.activity`); raises PeeweeException when the index fails."""
+        write_events(rows)
 
     def file_path(self, relpath: str) -> Path:
         """Where an indexed instance's file is (it may have vanished since)."""

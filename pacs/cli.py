@@ -1,4 +1,5 @@
-"""`pacs serve | import | reindex | verify | stats`: parse arguments, map errors to exit codes.
+"""The `pacs` commands (serve, import, reindex, verify, stats, audit): parse arguments, map
+errors to exit codes.
 
 Exit codes: 0 success, 1 problems found (import failures, verify
 inconsistencies), 2 a bad config or command line (one line, no traceback).
@@ -6,14 +7,16 @@ inconsistencies), 2 a bad config or command line (one line, no traceback).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Callable
 
+from pacs.audit import BadTime, parse_moment, print_events
 from pacs.config import Config, ConfigError, load, resolve_path
 from pacs.endpoints import ListenError
+from pacs.index.audit import EVENT_TYPES
 from pacs.index.db import DatabaseURLError
+from pacs.logs import setup_logging
 from pacs.filestore import StoreWriteError
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
@@ -38,33 +41,29 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, parents=[common], help=text)
         if name != "stats":
             cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    audit = sub.add_parser("audit", parents=[common],
+                           help="print the audit trail of a time window")
+    audit.add_argument("--since", required=True, metavar="WHEN",
+                       help="ISO date/time (2024-05-01, 2024-05-01T08:00Z) or duration (12h, 7d)")
+    audit.add_argument("--until", metavar="WHEN", help="end of the window, same forms")
+    audit.add_argument("--type", choices=EVENT_TYPES, help="only this kind of event")
+    audit.add_argument("--ae", metavar="TITLE", help="only events of this calling AE title")
+    audit.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
-
-
-def _setup_logging(config: Config, override: str | None) -> None:
-    """Log to stderr and, if configured, a rotating file; ConfigError if that cannot be opened."""
-    level = override or config.logging.level
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if config.logging.file is not None:
-        from logging.handlers import RotatingFileHandler
-
-        try:
-            config.logging.file.parent.mkdir(parents=True, exist_ok=True)
-            handlers.append(RotatingFileHandler(config.logging.file, maxBytes=50 << 20,
-                                                backupCount=5))
-        except OSError as exc:
-            raise ConfigError(f"{config.source}: logging.file: cannot open {config.logging.file}: "
-                              f"{exc.strerror or exc}") from None
-    logging.basicConfig(level=level, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "audit":
+        try:
+            args.since, args.until = (None if when is None else parse_moment(when)
+                                      for when in (args.since, args.until))
+        except BadTime as exc:
+            print(f"pacs audit: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         config = load(resolve_path(args.config))
-        _setup_logging(config, args.log_level)
+        setup_logging(config, args.log_level)
     except ConfigError as exc:
         print(f"pacs: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -108,6 +107,9 @@ def _run(args: argparse.Namespace, config: Config) -> int:
                 print(line)
             print(f"{len(problems)} problems" if problems else "store and index are consistent")
             return EXIT_PROBLEMS if problems else EXIT_OK
+        if args.command == "audit":
+            print_events(sys.stdout, args.since, args.until, args.type, args.ae, args.json)
+            return EXIT_OK
         counts = maintenance.stats()
         for name in ("patients", "studies", "series", "instances", "bytes"):
             print(f"{name}: {getattr(counts, name)}")

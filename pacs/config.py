@@ -83,6 +83,8 @@ class TLSConfig:
 class LoggingConfig:
     level: str = "INFO"
     file: Path | None = None
+    max_bytes: int = 50 * 1024 * 1024  # rotate the file beyond this size; 0 = never
+    backups: int = 5  # rotated files kept: FILE.1 ... FILE.5
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ _CHOICES = {
 }
 _NON_NEGATIVE = {
     "storage.min_free_bytes", "query.max_results", "network.max_pdu", "network.workers",
+    "logging.max_bytes", "logging.backups",
 }
 _POSITIVE = {
     "network.max_associations", "network.acse_timeout",

@@ -18,6 +18,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel, Verification, _STOR
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs import access
+from pacs import activity
 from pacs.archive import Archive
 from pacs.config import Config
 from pacs.endpoints import binding, endpoints
@@ -101,7 +102,12 @@ class Node:
     def handlers(self) -> list[tuple]:
         return [
             (evt.EVT_CONN_OPEN, tune_connection),
+            (evt.EVT_CONN_OPEN, activity.on_open),
+            (evt.EVT_RELEASED, activity.on_end),
+            (evt.EVT_ABORTED, activity.on_end),
+            (evt.EVT_REJECTED, activity.on_end),
             (evt.EVT_CONN_CLOSE, discard_partial),
+            (evt.EVT_CONN_CLOSE, activity.on_close, [self.archive]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.archive]),
             (evt.EVT_C_FIND, handle_find, [self.archive]),

@@ -143,8 +143,9 @@ class ServeProcess:
     """`pacs serve` in a subprocess; ready once C-ECHO succeeds."""
 
     def __init__(self, config_path: Path, extra_env: dict | None = None,
-                 prefix: tuple[str, ...] = (), tls_args: tuple | None = None):
-        """`prefix` goes before the command, e.g. a wrapper that drops privileges;
+                 prefix: tuple[str, ...] = (), tls_args: tuple | None = None,
+                 args: tuple[str, ...] = ()):
+        """`prefix` goes before the command, e.g. a wrapper that drops privileges; `args` after;
         `tls_args` (pynetdicom's): check readiness on the TLS port with them."""
         self.config_path = config_path
         self.config = load(config_path)
@@ -154,7 +155,7 @@ class ServeProcess:
         env = {**os.environ, **(extra_env or {})}
         self.log = open(config_path.parent / "serve.log", "wb")
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "pacs", "serve", "--config", str(config_path)],
+            [*prefix, sys.executable, "-m", "pacs", "serve", "--config", str(config_path), *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         self._wait_ready()
@@ -196,14 +197,16 @@ class ServeProcess:
 
 @pytest.fixture
 def serve_process(tmp_path):
-    """Factory: serve_process(prefix=(), tls_args=None, **config overrides) -> ServeProcess,
-    killed at teardown."""
+    """Factory: serve_process(prefix=(), tls_args=None, args=(), **config overrides) ->
+    ServeProcess, killed at teardown."""
     started = []
 
-    def start(prefix: tuple[str, ...] = (), tls_args: tuple | None = None, **overrides):
+    def start(prefix: tuple[str, ...] = (), tls_args: tuple | None = None,
+              args: tuple[str, ...] = (), **overrides):
         folder = tmp_path / f"proc{len(started)}"
         folder.mkdir()
-        proc = ServeProcess(write_config(folder, **overrides), prefix=prefix, tls_args=tls_args)
+        proc = ServeProcess(write_config(folder, **overrides), prefix=prefix, tls_args=tls_args,
+                            args=args)
         started.append(proc)
         return proc
 

@@ -44,6 +44,7 @@ def assert_config_error(result, path: Path, key: str, problem: str) -> None:
     ({"database": {"url": "sqlite:///pacs.yaml/index.sqlite"}}, "database.url", "cannot open"),
     ({"storage": {"root": "pacs.yaml"}}, "storage.root", "cannot create"),
     ({"logging": {"file": "pacs.yaml/pacs.log"}}, "logging.file", "cannot open"),
+    ({"logging": {"backups": -1}}, "logging.backups", "must be 0 or more"),
 ])
 def test_bad_config_is_one_line_and_exit_2(tmp_path, overrides, key, problem):
     path = write_config(tmp_path, **overrides)

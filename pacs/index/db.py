@@ -17,7 +17,7 @@ from typing import Iterator
 from peewee import Database, PeeweeException, PostgresqlDatabase, SqliteDatabase
 from playhouse.db_url import parse
 
-from pacs.index.models import MODELS, SCHEMA_VERSION, SchemaVersion, database
+from pacs.index.models import MODELS, SCHEMA_VERSION, AuditEvent, SchemaVersion, database
 
 BUSY_TIMEOUT_S = 10
 
@@ -79,9 +79,12 @@ def create_schema(db: Database) -> None:
 
 
 def reset_schema(db: Database) -> None:
-    """Drop every table and create them empty (for `pacs reindex`)."""
+    """Drop the index tables and create them empty (for `pacs reindex`).
+
+    The audit trail stays: it cannot be rebuilt from the files.
+    """
     with db.atomic():
-        db.drop_tables(MODELS, safe=True)
+        db.drop_tables([model for model in MODELS if model is not AuditEvent], safe=True)
     create_schema(db)
 
 

@@ -96,9 +96,29 @@ class Instance(BaseModel):
     header = BlobField()  # Part 10 bytes up to the bulk data: every other attribute
 
 
+class AuditEvent(BaseModel):
+    """Who stored, queried or retrieved what (PS3.15 A.5 / IHE ATNA in spirit); see pacs.activity.
+
+    Not part of the index proper: `pacs reindex` keeps it. No patient names, only IDs.
+    """
+
+    id = AutoField()
+    time = DateTimeField(index=True)  # UTC, naive
+    event = CharField(max_length=8, index=True)  # store | find | move | get
+    calling_ae = CharField(max_length=16, index=True)
+    peer = CharField(max_length=64)  # address:port
+    status = IntegerField(null=True)  # final DIMSE status; None: the connection was lost
+    count = IntegerField(default=0)  # instances stored, matches, or sub-operations completed
+    failed = IntegerField(default=0)  # sub-operations failed or with a warning
+    destination = CharField(max_length=16, default="")  # C-MOVE
+    patient_id = TextField(default="")  # backslash-joined
+    studies = TextField(default="")  # Study Instance UIDs, backslash-joined
+    detail = TextField(default="")  # model, level and keys, patient values masked
+
+
 class SchemaVersion(BaseModel):
     version = IntegerField()
 
 
-MODELS = (Patient, Study, Series, Instance, SchemaVersion)
+MODELS = (Patient, Study, Series, Instance, AuditEvent, SchemaVersion)
 SCHEMA_VERSION = 1

@@ -37,9 +37,11 @@ class Match:
     transfer_syntax: str
     relpath: str
     size: int
+    study_uid: str = ""  # for the audit trail; set by select_matches
+    patient_id: str = ""
 
 
-def _values(identifier: Dataset, keyword: str) -> list[str]:
+def key_values(identifier: Dataset, keyword: str) -> list[str]:
     """The non-empty values of one key; a list of UIDs arrives as a MultiValue."""
     value = identifier.get(keyword)
     if value is None:
@@ -58,7 +60,7 @@ def select_matches(identifier: Dataset, root: str) -> list[Match]:
     conditions = []
     for index in range(TOP_LEVEL[root], target + 1):
         level, keyword, tag, column = _KEYS[index]
-        values = _values(identifier, keyword)
+        values = key_values(identifier, keyword)
         if index == target:
             if not values:
                 raise SelectionError(f"{keyword} {tag} is required at the {level} level")
@@ -70,7 +72,7 @@ def select_matches(identifier: Dataset, root: str) -> list[Match]:
             conditions.append(column == values[0])
     query = (Instance
              .select(Instance.sop_uid, Instance.sop_class_uid, Instance.transfer_syntax,
-                     Instance.path, Instance.size)
+                     Instance.path, Instance.size, Study.study_uid, Patient.patient_id)
              .join(Series).join(Study).join(Patient)
              .where(*conditions)
              .order_by(Study.id, Series.id, Instance.id))

@@ -22,6 +22,7 @@ from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from pacs.access import REFUSAL, permitted
+from pacs import activity
 from pacs.archive import Archive, OutOfResources
 from pacs.config import Config
 from pacs.live import LiveConfig
@@ -137,6 +138,7 @@ def handle_commitment(event: Event, archive: Archive, live: LiveConfig) -> None:
         return
     config = live.current  # where a report on a new association goes: reloaded on SIGHUP
     caller = event.assoc.requestor.ae_title
+    activity.count(event.assoc, "N-ACTION")
     try:
         transaction, refs = _references(event)
     except BadRequest as exc:

@@ -1,14 +1,21 @@
 """C-ECHO (Verification): success once the association is accepted, unless not permitted."""
-from __future__ import annotations
+import logging
 
 from pydicom import Dataset
 from pynetdicom.events import Event
 
+from pacs import activity
 from pacs.access import REFUSAL, permitted
 from pacs.statuses import ECHO_NOT_PERMITTED, SUCCESS, status
 
+log = logging.getLogger(__name__)
+
 
 def handle_echo(event: Event) -> Dataset:
+    """Counted in the association's line; DEBUG only, as monitors echo every few seconds."""
+    activity.count(event.assoc, "C-ECHO")
     if not permitted(event, "echo"):
         return status(ECHO_NOT_PERMITTED, REFUSAL)
+    log.debug("#%d C-ECHO from %s, status 0x0000", activity.number(event.assoc),
+              event.assoc.requestor.ae_title)
     return status(SUCCESS)

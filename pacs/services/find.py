@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (
 )
 
 from pacs.access import REFUSAL, permitted
+from pacs.activity import Operation, final_code
 from pacs.archive import Archive
 from pacs.index.answer import Answer
 from pacs.index.query import Find, QueryError, QueryOptions
@@ -79,52 +80,55 @@ class PendingWriter:
 
 def handle_find(event: Event, archive: Archive) -> Iterator[Response]:
     """EVT_C_FIND: send a pending response per match, then yield the final status."""
-    caller = event.assoc.requestor.ae_title
+    op = Operation(event, "C-FIND", ROOTS[event.request.AffectedSOPClassUID])
+    for response in _answers(event, archive, op):
+        code = final_code(response[0])
+        if code is not None:
+            op.finish(code, str(getattr(response[0], "ErrorComment", "") or ""))
+        yield response
+
+
+def _answers(event: Event, archive: Archive, op: Operation) -> Iterator[Response]:
     if not permitted(event, "find"):
         yield status(NOT_PERMITTED, REFUSAL), None
         return
     try:
-        yield from _find(event, archive)
+        yield from _find(event, archive, op)
     except OSError as exc:  # the requester's connection failed: nobody to answer
-        log.warning("C-FIND from %s: connection lost: %s", caller, exc)
+        op.finish(None, str(exc))
     except PeeweeException as exc:
-        log.error("C-FIND from %s: index unavailable: %s", caller, exc)
         yield status(OUT_OF_RESOURCES, f"index unavailable: {exc}"), None
     except Exception as exc:  # a bug: answer rather than leave the requester waiting
-        log.exception("C-FIND from %s failed", caller)
+        log.exception("C-FIND from %s failed", event.assoc.requestor.ae_title)
         yield status(UNABLE_TO_PROCESS, f"internal error: {exc}"), None
 
 
-def _find(event: Event, archive: Archive) -> Iterator[Response]:
-    caller = event.assoc.requestor.ae_title
+def _find(event: Event, archive: Archive, op: Operation) -> Iterator[Response]:
+    """The responses; pending ones mostly go out by `PendingWriter`, counted in `op.count`."""
     config = archive.config
     try:
-        find = Find(event.identifier, ROOTS[event.request.AffectedSOPClassUID],
+        identifier = event.identifier
+    except Exception as exc:  # the identifier does not even decode
+        yield status(IDENTIFIER_MISMATCH, f"cannot decode the identifier: {exc}"), None
+        return
+    try:
+        find = Find(identifier, ROOTS[event.request.AffectedSOPClassUID],
                     QueryOptions(config.ae_title, config.query.case_insensitive_pn))
     except QueryError as exc:
-        log.warning("C-FIND from %s refused (0xA900): %s", caller, exc)
         yield _refusal(exc), None
-        return
-    except Exception as exc:  # the identifier does not even decode
-        log.warning("C-FIND from %s refused (0xA900): %s", caller, exc)
-        yield status(IDENTIFIER_MISMATCH, f"cannot decode the identifier: {exc}"), None
         return
     writer = PendingWriter(event)
     limit = config.query.max_results
-    count = 0
     for answer in find.responses():
         if event.is_cancelled:
-            log.info("C-FIND from %s cancelled after %d matches", caller, count)
             yield CANCEL, None
             return
-        if limit and count == limit:
-            log.info("C-FIND from %s cut at query.max_results=%d", caller, limit)
+        if limit and op.count == limit:
             yield status(OUT_OF_RESOURCES,
                          f"more than {limit} matches; only the first {limit} were sent"), None
             return
-        count += 1
+        op.count += 1
         writer.send(answer)
-    log.debug("C-FIND from %s: %d matches", caller, count)
     yield SUCCESS, None
 
 

@@ -35,6 +35,7 @@ def handle_move(event: Event, archive: Archive, live: LiveConfig) -> None:
         return
     config = live.current  # destinations as of now: remote_aes is reloaded on SIGHUP
     title = str(event.request.MoveDestination or "").strip()
+    responder.op.destination = title
     remote = config.remote_aes.get(title)
     if remote is None:
         responder.fail(MOVE_DESTINATION_UNKNOWN,

@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (
 )
 
 from pacs.access import REFUSAL, permitted
+from pacs.activity import Operation
 from pacs.archive import Archive, OutOfResources
 from pacs.index.levels import PATIENT_ROOT, STUDY_ROOT
 from pacs.index.selection import Match, SelectionError
@@ -70,6 +71,7 @@ class Responder:
     def __init__(self, event: Event, writer: PDataWriter):
         self._event = event
         self._writer = writer
+        self.op = Operation(event, self.kind, ROOTS[event.request.AffectedSOPClassUID])
         self._since = 0
         self._last = time.monotonic()
         self.gone = False  # the requester's connection failed: stop working for it
@@ -92,18 +94,20 @@ class Responder:
             comment = sender.problem or f"all {tally.failed} sub-operations failed"
         else:
             code, comment = SUBOPS_WARNING, sender.problem
+        self.op.count = tally.completed
+        self.op.finish(code, comment, tally.failed, tally.warning)
         self._send(code, comment, tally)
 
     def permitted(self) -> bool:
         """May the caller ask for this C-MOVE or C-GET (`pacs.access`)? If not, answer so."""
         if permitted(self._event, "move" if self.kind == "C-MOVE" else "get"):
             return True
-        self._send(NOT_PERMITTED, REFUSAL)
+        self.fail(NOT_PERMITTED, REFUSAL)
         return False
 
     def fail(self, code: int, comment: str) -> None:
         """A final failure before any sub-operation."""
-        log.warning("%s from %s refused (0x%04X): %s", self.kind, self.caller, code, comment)
+        self.op.finish(code, comment)
         self._send(code, comment)
 
     @property
@@ -178,11 +182,10 @@ def _serve(event: Event, archive: Archive, responder: Responder, deliver: Delive
         responder.fail(SUBOPS_OUT_OF_RESOURCES,
                        f"{len(matches)} instances; at most {MAX_SUBOPERATIONS} per request")
         return
+    responder.op.studies = list(dict.fromkeys(match.study_uid for match in matches))
+    responder.op.patient_id = "\\".join(dict.fromkeys(match.patient_id for match in matches))
     sender = Sender(len(matches), archive.file_path, responder.progress,
                     lambda: responder.gone or event.is_cancelled)
     if matches:
         deliver(sender, matches)
-    log.info("%s from %s: %d completed, %d failed, %d warning%s", responder.kind,
-             responder.caller, sender.tally.completed, sender.tally.failed,
-             sender.tally.warning, " (cancelled)" if sender.cancelled else "")
     responder.finish(sender)

@@ -17,6 +17,7 @@ from pydicom import Dataset
 from pynetdicom.events import Event
 
 from pacs.access import REFUSAL, permitted
+from pacs import activity
 from pacs.archive import Archive, InvalidInstance, OutOfResources
 from pacs.statuses import (
     CANNOT_UNDERSTAND, DATASET_MISMATCH, NOT_PERMITTED, OUT_OF_RESOURCES, SUCCESS, status,
@@ -113,14 +114,24 @@ def discard_partial(event: Event) -> None:
 
 
 def handle_store(event: Event, archive: Archive) -> Dataset:
+    """EVT_C_STORE: each failure is logged (WARNING/ERROR), each success at DEBUG only and
+    counted for the association's line and audit events (see `pacs.activity`)."""
+    answer = _store(event, archive)
+    if answer.Status != SUCCESS:
+        activity.store_failed(event.assoc)
+    return answer
+
+
+def _store(event: Event, archive: Archive) -> Dataset:
     affected = str(event.request.AffectedSOPInstanceUID or "")
-    caller = event.assoc.requestor.ae_title
+    assoc = event.assoc
     received = event.request._dataset_file
     if not permitted(event, "store"):
         return status(NOT_PERMITTED, REFUSAL)  # pynetdicom deletes the received file
     if isinstance(received, ReceiveFile) and received.error is not None:
         problem = f"cannot write the received data: {received.error.strerror or received.error}"
-        log.error("C-STORE from %s refused (0xA700): %s", caller, problem)
+        log.error("#%d C-STORE from %s refused (0xA700): %s", activity.number(assoc),
+                  assoc.requestor.ae_title, problem)
         return status(OUT_OF_RESOURCES, problem)
     try:
         result = archive.ingest(event.dataset_path, affected_sop_uid=affected, owned=True)
@@ -128,10 +139,16 @@ def handle_store(event: Event, archive: Archive) -> Dataset:
         # Unparsable data: 0xC000 "Cannot understand"; wrong or missing UIDs:
         # 0xA900 "Data Set does not match SOP Class" (PS3.4 B.2.3), as dcm4chee does.
         code = CANNOT_UNDERSTAND if str(exc).startswith("cannot parse") else DATASET_MISMATCH
-        log.warning("C-STORE from %s refused (0x%04X): %s", caller, code, exc)
+        log.warning("#%d C-STORE from %s refused (0x%04X): %s", activity.number(assoc),
+                    assoc.requestor.ae_title, code, exc)
         return status(code, str(exc))
     except OutOfResources as exc:
-        log.error("C-STORE from %s refused (0xA700): %s", caller, exc)
+        log.error("#%d C-STORE from %s refused (0xA700): %s", activity.number(assoc),
+                  assoc.requestor.ae_title, exc)
         return status(OUT_OF_RESOURCES, str(exc))
-    log.debug("C-STORE from %s: %s %s", caller, result.sop_uid, result.outcome.value)
+    activity.stored(assoc, result.study_uid, result.patient_id)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("#%d C-STORE from %s: %s of study %s %s, status 0x0000",
+                  activity.number(assoc), assoc.requestor.ae_title, result.sop_uid,
+                  result.study_uid, result.outcome.value)
     return status(SUCCESS)

@@ -1,0 +1,243 @@
+"""What each association did: its log lines and its audit events.
+
+One INFO line per association (calling AE, peer, called AE, duration, outcome,
+what it did) and one per C-FIND, C-MOVE or C-GET (model, level, keys, matches or
+sub-operation counts, final status), WARNING when that status is a failure.
+C-STORE and C-ECHO get a DEBUG line each and a count in the association's line:
+a modality sends thousands of instances per study, one INFO line each would
+bury everything else (Orthanc and dcm4chee also log stores per association at
+their default level). Patient-identifying values only at DEBUG (`summary`).
+
+pynetdicom's notification events (bound in `node.py`) follow an association:
+EVT_CONN_OPEN starts its clock, EVT_RELEASED / EVT_ABORTED / EVT_REJECTED say how
+it ended, and EVT_CONN_CLOSE, the last event of every connection, writes the
+line and the audit events, in one short transaction, off the path of every
+request. A C-STORE only bumps a per-study counter in memory, so audit costs it
+nothing; the rows are written once the association is over (and before a
+graceful stop ends, since pynetdicom's association thread waits for its DUL).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import weakref
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from peewee import PeeweeException
+from pydicom import Dataset
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+
+from pacs.index.selection import key_values
+from pacs.statuses import CANCEL, PENDING, PENDING_WARNING, SUCCESS
+from pacs.summary import keys_summary
+
+log = logging.getLogger("pacs.association")
+oplog = logging.getLogger("pacs.operation")
+_END_WAIT_S = 1.0  # see _finish
+_numbers = itertools.count(1)
+_activities: "weakref.WeakKeyDictionary[Association, Activity]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+@dataclass
+class _StudyStored:
+    time: datetime
+    patient_id: str
+    count: int = 0
+
+
+class Activity:
+    """One association's counters and pending audit events (touched by its own threads only)."""
+
+    def __init__(self) -> None:
+        self.number = next(_numbers)
+        self.started = time.monotonic()
+        self.outcome = ""
+        self.ended = threading.Event()
+        self.operations: Counter[str] = Counter()
+        self.stored: dict[str, _StudyStored] = {}
+        self.store_failed = 0
+        self.events: list[dict[str, Any]] = []
+
+    def audit_rows(self, calling_ae: str, peer: str) -> list[dict[str, Any]]:
+        rows = [{"time": entry.time, "event": "store", "status": 0, "count": entry.count,
+                 "patient_id": entry.patient_id, "studies": study}
+                for study, entry in self.stored.items()]
+        rows.extend(self.events)
+        for row in rows:
+            row.update(calling_ae=calling_ae[:16], peer=peer)
+        return rows
+
+    def did(self) -> str:
+        """What the association did, for its log line."""
+        parts = []
+        for service, count in sorted(self.operations.items()):
+            if service == "C-STORE":
+                stored = sum(entry.count for entry in self.stored.values())
+                parts.append(f"C-STORE {count} (stored {stored} in {len(self.stored)} "
+                             f"stud{'y' if len(self.stored) == 1 else 'ies'}, "
+                             f"{self.store_failed} failed)")
+            else:
+                parts.append(f"{service} {count}")
+        return ", ".join(parts) or "no operations"
+
+
+def activity(assoc: Association) -> Activity:
+    found = _activities.get(assoc)
+    if found is None:
+        with _lock:
+            found = _activities.setdefault(assoc, Activity())
+    return found
+
+
+def number(assoc: Association) -> int:
+    """The association's number in this process, to tie operation lines to it."""
+    return activity(assoc).number
+
+
+def count(assoc: Association, service: str) -> None:
+    activity(assoc).operations[service] += 1
+
+
+def stored(assoc: Association, study_uid: str, patient_id: str) -> None:
+    """One instance stored: the hot path, so only counters."""
+    record = activity(assoc)
+    record.operations["C-STORE"] += 1
+    entry = record.stored.get(study_uid)
+    if entry is None:
+        entry = record.stored[study_uid] = _StudyStored(utcnow(), patient_id)
+    entry.count += 1
+
+
+def store_failed(assoc: Association) -> None:
+    record = activity(assoc)
+    record.operations["C-STORE"] += 1
+    record.store_failed += 1
+
+
+class Operation:
+    """One C-FIND, C-MOVE or C-GET request: its log line and its audit event."""
+
+    def __init__(self, event: Event, service: str, root: str):
+        self.assoc = event.assoc
+        self.service = service
+        self.model = f"{root.title()} Root"
+        self.time = utcnow()
+        self.level = ""
+        self.patient_id = ""
+        self.studies: list[str] = []
+        self.destination = ""
+        self.count = 0  # C-FIND matches, or C-MOVE/C-GET sub-operations completed
+        count(self.assoc, service)
+        try:
+            identifier = event.identifier  # decoded once: pynetdicom keeps it for the service
+        except Exception:  # the service refuses it with its own status
+            self.keys = "(undecodable identifier)"
+            return
+        self.level = str(identifier.get("QueryRetrieveLevel", "") or "").strip()[:16]
+        self.keys = keys_summary(identifier)
+        self.patient_id = "\\".join(key_values(identifier, "PatientID"))[:256]
+        self.studies = key_values(identifier, "StudyInstanceUID")
+        if oplog.isEnabledFor(logging.DEBUG):
+            oplog.debug("#%d %s identifier: %s", number(self.assoc), service,
+                        keys_summary(identifier, reveal=True))
+
+    def finish(self, code: int | None, comment: str = "", failed: int = 0,
+               warning: int = 0) -> None:
+        """Log the final status (None: the connection was lost) and keep the audit event."""
+        kind = self.service[2:].lower()
+        good = code is not None and (code in (SUCCESS, CANCEL) or code & 0xF000 == 0xB000)
+        level = logging.INFO if good else logging.WARNING
+        if oplog.isEnabledFor(level):
+            if kind == "find":
+                counts = f"{self.count} matches"
+            else:
+                counts = f"{self.count} completed, {failed} failed, {warning} warning"
+            to = f" to {self.destination}" if self.destination else ""
+            final = "connection lost" if code is None else f"status 0x{code:04X}"
+            oplog.log(level, "#%d %s from %s%s: %s %s %s: %s, %s%s", number(self.assoc),
+                      self.service, self.assoc.requestor.ae_title, to, self.model,
+                      self.level or "-", self.keys, counts, final,
+                      f" ({comment})" if comment else "")
+        activity(self.assoc).events.append({
+            "time": self.time, "event": kind, "status": code, "count": self.count,
+            "failed": failed + warning, "destination": self.destination[:16],
+            "patient_id": self.patient_id, "studies": "\\".join(self.studies),
+            "detail": f"{self.model} {self.level or '-'} {self.keys}",
+        })
+
+
+def final_code(response: Dataset | int) -> int | None:
+    """The status of a handler's response, None while it is pending."""
+    code = response if isinstance(response, int) else int(response.Status)
+    return None if code in (PENDING, PENDING_WARNING) else code
+
+
+def on_open(event: Event) -> None:
+    """EVT_CONN_OPEN: start the association's clock."""
+    activity(event.assoc)
+
+
+def on_end(event: Event) -> None:
+    """EVT_RELEASED / EVT_ABORTED / EVT_REJECTED: note how the association ended."""
+    record = activity(event.assoc)
+    if not record.outcome:
+        if event.event is evt.EVT_REJECTED:
+            record.outcome = _rejection(event.assoc)
+        else:
+            record.outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
+    record.ended.set()
+
+
+def _rejection(assoc: Association) -> str:
+    reject = assoc.acceptor.primitive
+    return f"rejected ({reject.reason_str if reject is not None else 'no reason given'})"
+
+
+def on_close(event: Event, archive: Any) -> None:
+    """EVT_CONN_CLOSE: log the association's line and write its audit events."""
+    assoc = event.assoc
+    record = _activities.pop(assoc, None) or Activity()
+    outcome = _finish(assoc, record)
+    requestor = assoc.requestor
+    peer = f"{requestor.address}:{requestor.port}" if requestor.address_info else "?"
+    caller = requestor.ae_title
+    if not caller:  # a TCP probe, a port scan: no A-ASSOCIATE-RQ ever came
+        log.debug("connection from %s closed without an association request", peer)
+        return
+    if log.isEnabledFor(logging.INFO):
+        request = requestor.primitive
+        called = request.called_ae_title if request is not None else "?"
+        log.info("association #%d %s@%s -> %s: %s after %.3f s; %s", record.number, caller,
+                 peer, called, outcome, time.monotonic() - record.started, record.did())
+    try:
+        archive.record_audit(record.audit_rows(caller, peer))
+    except PeeweeException as exc:
+        log.error("association #%d: audit events not written: %s", record.number, exc)
+
+
+def _finish(assoc: Association, record: Activity) -> str:
+    """How it ended. The DUL thread may close the connection a moment before the
+    thread that ended the association triggers its event: wait briefly when our
+    A-RELEASE-RP, A-ASSOCIATE-RJ or A-ABORT went out (state Sta13), and look for a
+    peer's A-ABORT the association thread has not read yet. A rejection sent without
+    EVT_REJECTED (by a handler of ours, say) still reads as one."""
+    if assoc.is_rejected and not record.outcome:
+        return _rejection(assoc)
+    if not record.ended.is_set() and assoc.dul.state_machine.current_state == "Sta13":
+        record.ended.wait(_END_WAIT_S)
+    if record.outcome:
+        return record.outcome
+    peer_aborted = assoc.is_aborted or assoc.acse.is_aborted("a-abort")
+    return "aborted" if peer_aborted else "aborted (connection closed)"

@@ -1,0 +1,30 @@
+"""Write and read the audit trail (table AuditEvent)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Iterator, Sequence
+
+from pacs.index.db import write_transaction
+from pacs.index.models import AuditEvent
+
+EVENT_TYPES = ("store", "find", "move", "get")
+
+
+def write_events(rows: Sequence[dict[str, Any]]) -> None:
+    """Insert one association's events in one short write transaction."""
+    if rows:
+        with write_transaction():
+            AuditEvent.insert_many(rows).execute()
+
+
+def read_events(since: datetime, until: datetime | None = None, event: str | None = None,
+                calling_ae: str | None = None) -> Iterator[AuditEvent]:
+    """The events from `since` (UTC, naive) up to `until`, oldest first."""
+    query = AuditEvent.select().where(AuditEvent.time >= since)
+    if until is not None:
+        query = query.where(AuditEvent.time < until)
+    if event is not None:
+        query = query.where(AuditEvent.event == event)
+    if calling_ae is not None:
+        query = query.where(AuditEvent.calling_ae == calling_ae)
+    return query.order_by(AuditEvent.time, AuditEvent.id).iterator()
