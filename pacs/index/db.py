@@ -3,23 +3,44 @@
 SQLite runs in WAL mode so queries never wait for ingest, with
 `synchronous=FULL` when the store is durable (each group commit survives a
 power cut) and a busy timeout so a second process waits instead of failing.
+
+PostgreSQL (psycopg2) may be shared by several nodes: each thread has its own
+connection (peewee's per-thread state), writers retry a transaction the
+server aborted for a deadlock or serialization failure, large results stream
+from a server-side cursor, and a connection the server dropped is discarded
+so the next operation connects afresh.
 """
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import random
 import re
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
-from peewee import Database, PeeweeException, PostgresqlDatabase, SqliteDatabase
+from peewee import (
+    Database, InterfaceError, OperationalError, PeeweeException, PostgresqlDatabase, SelectBase,
+    SqliteDatabase,
+)
 from playhouse.db_url import parse
+from playhouse.postgres_ext import PostgresqlExtDatabase
 
-from pacs.index.models import MODELS, SCHEMA_VERSION, SchemaVersion, database
+from pacs.index.models import database
+from pacs.index.schema import SchemaError, create_schema, drop_schema
 
+log = logging.getLogger(__name__)
 BUSY_TIMEOUT_S = 10
+PG_CONNECT_TIMEOUT_S = 10
+WRITE_ATTEMPTS = 8
+STREAM_BATCH = 500
+# SQLSTATEs of a transaction the server aborted only because of a concurrent one
+_RETRYABLE = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+T = TypeVar("T")
 
 
 class DatabaseURLError(ValueError):
@@ -31,7 +52,7 @@ def open_database(url: str, durable: bool = True) -> Database:
     try:
         db = _connect(url, durable)
         create_schema(db)
-    except (OSError, PeeweeException) as exc:
+    except (OSError, PeeweeException, SchemaError) as exc:
         # A missing folder, a file in the way, a server down: the config's fault
         # as far as the user can tell, so say which URL rather than a traceback.
         reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
@@ -62,7 +83,9 @@ def _connect(url: str, durable: bool) -> Database:
             },
         )
     elif url.startswith(("postgresql://", "postgres://")):
-        db = PostgresqlDatabase(**parse(url))
+        params = parse(url)
+        params.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
+        db = PostgresqlExtDatabase(**params)
     else:
         raise DatabaseURLError(f"unsupported database URL {url!r} (use sqlite:/// or postgresql://)")
     database.initialize(db)
@@ -70,25 +93,90 @@ def _connect(url: str, durable: bool) -> Database:
     return db
 
 
-def create_schema(db: Database) -> None:
-    """Create the tables that are missing and record the schema version."""
-    with db.atomic():
-        db.create_tables(MODELS, safe=True)
-        if not SchemaVersion.select().exists():
-            SchemaVersion.create(version=SCHEMA_VERSION)
-
-
 def reset_schema(db: Database) -> None:
     """Drop every table and create them empty (for `pacs reindex`)."""
-    with db.atomic():
-        db.drop_tables(MODELS, safe=True)
+    drop_schema(db)
     create_schema(db)
+
+
+def is_postgres() -> bool:
+    return isinstance(database.obj, PostgresqlDatabase)
 
 
 def close_database() -> None:
     db = database.obj
     if db is not None and not db.is_closed():
         db.close()
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of the driver error peewee wrapped (its first argument)."""
+    for candidate in (exc, *exc.args[:1], exc.__cause__, exc.__context__):
+        code = getattr(candidate, "pgcode", None) or getattr(candidate, "sqlstate", None)
+        if code:
+            return code
+    return None
+
+
+def discard_broken_connection() -> bool:
+    """After an index error: drop this thread's connection if the server closed it.
+
+    The next operation then connects afresh (PostgreSQL restarted, the backend
+    was terminated); a connection that is merely idle is kept. True if dropped.
+    """
+    db = database.obj
+    if not isinstance(db, PostgresqlDatabase) or db.is_closed() or db.in_transaction():
+        return False
+    if not getattr(db._state.conn, "closed", False) and db.is_connection_usable():
+        return False
+    log.warning("index connection lost; the next operation reconnects")
+    try:
+        db.close()
+    except PeeweeException:
+        pass
+    db._state.reset()
+    return True
+
+
+def in_write_transaction(work: Callable[[], T]) -> T:
+    """Run `work` in a write transaction; on PostgreSQL retry it when aborted by a concurrent one.
+
+    Several nodes writing the same patient or study rows may deadlock or
+    conflict; the server then aborts one transaction, which is safe to run again
+    from the start (as PostgreSQL's manual advises for 40001/40P01).
+    """
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            with write_transaction():
+                return work()
+        except (OperationalError, InterfaceError) as exc:
+            if attempt == WRITE_ATTEMPTS or _sqlstate(exc) not in _RETRYABLE:
+                discard_broken_connection()
+                raise
+            log.info("index transaction aborted by a concurrent one (%s); retry %d",
+                     _sqlstate(exc), attempt)
+            time.sleep(random.uniform(0, 0.01 * attempt))
+    raise AssertionError("unreachable")
+
+
+def stream(query: SelectBase) -> Iterator[tuple]:
+    """The rows of `query` as tuples, fetched as they are consumed.
+
+    SQLite steps its cursor lazily. psycopg2 would fetch the whole result into
+    memory, so on PostgreSQL the rows come from a server-side cursor inside a
+    read transaction (500 rows per round trip).
+    """
+    backend = database.obj
+    if not isinstance(backend, PostgresqlDatabase):
+        yield from query.tuples().iterator()
+        return
+    query = query.tuples()
+    with backend.atomic():
+        cursor = backend.execute(query, named_cursor=True, array_size=STREAM_BATCH)
+        try:
+            yield from query._get_cursor_wrapper(cursor).iterator()
+        finally:  # also when abandoned (C-CANCEL): close it before the transaction ends
+            cursor.close()
 
 
 _writer_locks: dict[str, tuple[int, threading.Lock]] = {}

@@ -97,8 +97,9 @@ class Instance(BaseModel):
 
 
 class SchemaVersion(BaseModel):
+    """One row: the version of the schema (index/schema.py migrates older ones)."""
+
     version = IntegerField()
 
 
 MODELS = (Patient, Study, Series, Instance, SchemaVersion)
-SCHEMA_VERSION = 1

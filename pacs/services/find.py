@@ -32,6 +32,7 @@ from pynetdicom.sop_class import (
 
 from pacs.archive import Archive
 from pacs.index.answer import Answer
+from pacs.index.db import discard_broken_connection
 from pacs.index.query import Find, QueryError, QueryOptions
 from pacs.index.levels import PATIENT_ROOT, STUDY_ROOT
 from pacs.pdata import DATA_SET, command_set, ui, us
@@ -90,6 +91,7 @@ def handle_find(event: Event, archive: Archive) -> Iterator[Response]:
         log.warning("C-FIND from %s: connection lost: %s", caller, exc)
     except PeeweeException as exc:
         log.error("C-FIND from %s: index unavailable: %s", caller, exc)
+        discard_broken_connection()
         yield status(OUT_OF_RESOURCES, f"index unavailable: {exc}"), None
     except Exception as exc:  # a bug: answer rather than leave the requester waiting
         log.exception("C-FIND from %s failed", caller)
