@@ -29,7 +29,8 @@ from pynetdicom.sop_class import Verification
 from pacs.archive import Archive
 from pacs.config import Config, load
 from pacs.index.db import close_database, open_database
-from pacs.index.models import Instance, Patient, Series, Study
+from pacs.index.models import Instance, Patient, Series, Study, database
+from pacs.index.schema import drop_schema
 from pacs.node import Node
 
 DCMTK = Path("/usr/bin")
@@ -334,9 +335,13 @@ def staging_files(config: Config) -> list[Path]:
 
 
 def delete_index(config: Config) -> None:
-    """Delete a SQLite index with its WAL files; the store stays."""
-    database = Path(config.database.url.removeprefix("sqlite:///"))
-    for path in database.parent.glob(database.name + "*"):
+    """Delete the index (a SQLite file with its WAL files, or PostgreSQL tables); the store stays."""
+    if not config.database.url.startswith("sqlite:///"):
+        with open_index(config.source):
+            drop_schema(database.obj)
+        return
+    database_file = Path(config.database.url.removeprefix("sqlite:///"))
+    for path in database_file.parent.glob(database_file.name + "*"):
         path.unlink()
 
 
