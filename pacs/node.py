@@ -116,8 +116,7 @@ class Node:
 
     def _sweep(self) -> None:
         """Drop receive files left by aborted associations, once they are surely dead."""
-        net = self.config.network
-        age = 2 * (net.network_timeout + net.dimse_timeout) + 60
+        age = _surely_dead_after(self.config)
         while not self._sweeper.wait(SWEEP_EVERY_S):
             self.archive.store.clean_staging(older_than=age)
 
@@ -137,9 +136,21 @@ class Node:
         receive_into(None)
 
 
+def _surely_dead_after(config: Config) -> float:
+    """Seconds after which a receive file no association wrote to is abandoned."""
+    net = config.network
+    return 2 * (net.network_timeout + net.dimse_timeout) + 60
+
+
 def clean_staging(archive: Archive) -> None:
-    """Remove receive files of a previous run (only while no association can be running)."""
-    removed = archive.store.clean_staging()
+    """Remove receive files of a previous run (only while no association can be running).
+
+    With a PostgreSQL index other nodes may share the store and be receiving
+    into its staging folder right now: then only abandoned files go.
+    """
+    shared = archive.config.database.url.startswith(("postgresql://", "postgres://"))
+    removed = archive.store.clean_staging(
+        older_than=_surely_dead_after(archive.config) if shared else 0)
     if removed:
         log.info("removed %d stray temporary files from an earlier run", removed)
 
