@@ -30,7 +30,7 @@ from peewee import (
 from playhouse.db_url import parse
 from playhouse.postgres_ext import PostgresqlExtDatabase
 
-from pacs.index.models import database
+from pacs.index.models import MODELS, database
 from pacs.index.schema import SchemaError, create_schema, drop_schema
 
 log = logging.getLogger(__name__)
@@ -48,23 +48,46 @@ class DatabaseURLError(ValueError):
 
 
 def open_database(url: str, durable: bool = True) -> Database:
-    """Connect the models to the database at `url` and create the schema if new."""
-    try:
-        db = _connect(url, durable)
+    """Connect the models to the database at `url` and create or upgrade its schema."""
+    with _naming(url):
+        db = _make(url, durable)
+        database.initialize(db)
+        db.connect(reuse_if_open=True)
         create_schema(db)
+    return db
+
+
+def open_unbound(url: str) -> Database:
+    """The database at `url` with its schema ready, the models left bound where they are.
+
+    For copying one index into another (`pacs migrate`).
+    """
+    with _naming(url):
+        db = _make(url, durable=True)
+        db.connect()
+        with db.bind_ctx(MODELS):
+            create_schema(db)
+    return db
+
+
+@contextmanager
+def _naming(url: str) -> Iterator[None]:
+    """A missing folder, a file in the way, a server down become one DatabaseURLError.
+
+    The config's fault as far as the user can tell: say which URL, not a traceback.
+    """
+    try:
+        yield
     except (OSError, PeeweeException, SchemaError) as exc:
-        # A missing folder, a file in the way, a server down: the config's fault
-        # as far as the user can tell, so say which URL rather than a traceback.
         reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
         raise DatabaseURLError(f"cannot open {_without_password(url)}: {reason}") from None
-    return db
 
 
 def _without_password(url: str) -> str:
     return re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
-def _connect(url: str, durable: bool) -> Database:
+def _make(url: str, durable: bool) -> Database:
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         if path != ":memory:":
@@ -88,8 +111,6 @@ def _connect(url: str, durable: bool) -> Database:
         db = PostgresqlExtDatabase(**params)
     else:
         raise DatabaseURLError(f"unsupported database URL {url!r} (use sqlite:/// or postgresql://)")
-    database.initialize(db)
-    db.connect(reuse_if_open=True)
     return db
 
 
