@@ -1,4 +1,4 @@
-"""A PostgreSQL connection lost under a running node: the operation fails cleanly, the next reconnects.
+"""PostgreSQL connections: a lost one fails the operation in flight, the next reconnects.
 
 The server is shared, so instead of restarting it the test terminates the
 node's own backends (pg_terminate_backend, which is what a restart does to
@@ -12,6 +12,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.sop_class import CTImageStorage
 
+from pacs.index.db import close_database, open_database
 from pacs.index.models import Instance
 from tests.conftest import (
     RunningNode, associate, fresh_database, open_index, run_pacs, stored_path,
@@ -65,3 +66,13 @@ def test_lost_connection_fails_the_operation_in_flight_then_reconnects(pg_node, 
                for ds in (first, second, third))
     result = run_pacs("verify", "--no-progress", config=node.config_path)
     assert (result.returncode, result.stdout) == (0, "store and index are consistent\n")
+
+
+@pytest.mark.parametrize("durable, expected", [(True, "on"), (False, "off")])
+def test_commits_wait_for_the_wal_flush_only_when_the_store_is_durable(durable, expected):
+    with fresh_database("postgresql") as url:
+        db = open_database(url, durable=durable)
+        try:
+            assert db.execute_sql("SHOW synchronous_commit").fetchone() == (expected,)
+        finally:
+            close_database()
