@@ -19,6 +19,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pacs.archive import Archive
 from pacs.config import Config
 from pacs.handoff import start_channel_server
+from pacs.index.db import releasing
 from pacs.services import dispatch
 from pacs.services.commitment import handle_commitment
 from pacs.services.echo import handle_echo
@@ -92,11 +93,11 @@ class Node:
             (evt.EVT_CONN_OPEN, tune_connection),
             (evt.EVT_CONN_CLOSE, discard_partial),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.archive]),
-            (evt.EVT_C_FIND, handle_find, [self.archive]),
-            (evt.EVT_C_MOVE, handle_move, [self.archive, self.config]),
-            (evt.EVT_C_GET, handle_get, [self.archive]),
-            (evt.EVT_N_ACTION, handle_commitment, [self.archive, self.config]),
+            (evt.EVT_C_STORE, releasing(handle_store), [self.archive]),
+            (evt.EVT_C_FIND, releasing(handle_find), [self.archive]),
+            (evt.EVT_C_MOVE, releasing(handle_move), [self.archive, self.config]),
+            (evt.EVT_C_GET, releasing(handle_get), [self.archive]),
+            (evt.EVT_N_ACTION, releasing(handle_commitment), [self.archive, self.config]),
         ]
 
     def start(self, channel: socket.socket | None = None) -> None:

@@ -58,7 +58,7 @@ def backend(request) -> str:
     return getattr(request, "param", "sqlite")
 
 
-def _pg_admin():
+def pg_admin():
     """A psycopg2 connection to the test server, or a skip saying why there is none."""
     import psycopg2
 
@@ -85,7 +85,7 @@ def fresh_database(backend: str) -> Iterator[str | None]:
         yield None
         return
     schema = f"t_{os.getpid()}_{uuid.uuid4().hex[:10]}"
-    admin = _pg_admin()
+    admin = pg_admin()
     try:
         admin.cursor().execute(f'CREATE SCHEMA "{schema}"')
         yield pg_schema_url(schema)
@@ -97,7 +97,7 @@ def fresh_database(backend: str) -> Iterator[str | None]:
 
 def terminate_pg_backends(schema: str, admin=None) -> int:
     """Terminate the server processes of connections made with `schema`'s URL; their count."""
-    conn = admin or _pg_admin()
+    conn = admin or pg_admin()
     try:
         cur = conn.cursor()
         cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "

@@ -2,11 +2,15 @@
 
 The server is shared, so instead of restarting it the test terminates the
 node's own backends (pg_terminate_backend, which is what a restart does to
-them), found by the application_name of the test's schema.
+them), found by the application_name of the test's schema. Between
+operations the pool replaces a dead connection unnoticed; during one, the
+operation fails with 0xA700 and the next one succeeds.
 """
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
@@ -15,7 +19,7 @@ from pynetdicom.sop_class import CTImageStorage
 from pacs.index.db import close_database, open_database
 from pacs.index.models import Instance
 from tests.conftest import (
-    RunningNode, associate, fresh_database, open_index, run_pacs, stored_path,
+    RunningNode, associate, fresh_database, open_index, pg_admin, run_pacs,
     terminate_pg_backends, write_config,
 )
 from tests.dicomgen import make_instance
@@ -32,26 +36,45 @@ def pg_node(tmp_path):
             node.stop()
 
 
+def blocked_on_a_lock(schema: str, admin) -> bool:
+    cursor = admin.cursor()
+    cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                   "AND wait_event_type = 'Lock'", (schema,))
+    return cursor.fetchone()[0] > 0
+
+
 def test_lost_connection_fails_the_operation_in_flight_then_reconnects(pg_node, caplog):
     node, schema = pg_node
     first, second, third = (make_instance(number=n) for n in (1, 2, 3))
     assoc = associate(node, contexts=[(CTImageStorage, [ExplicitVRLittleEndian]), STUDY_ROOT])
     assert assoc.send_c_store(first).Status == 0
 
+    # Between operations (a restart while idle): the pool replaces the dead connection.
     assert terminate_pg_backends(schema) >= 1
-    with caplog.at_level(logging.WARNING):
-        failed = assoc.send_c_store(second)
+    assert assoc.send_c_store(second).Status == 0
+
+    # During one: hold the instance table so the C-STORE waits inside its
+    # transaction, then kill the node's connections under it.
+    admin, watcher = pg_admin(), pg_admin()
+    admin.autocommit = False
+    admin.cursor().execute(f'SET search_path TO "{schema}"; '
+                           'LOCK TABLE "instance" IN ACCESS EXCLUSIVE MODE')
+    with ThreadPoolExecutor(1) as pool, caplog.at_level(logging.WARNING):
+        running = pool.submit(assoc.send_c_store, third)
+        deadline = time.monotonic() + 30
+        while not blocked_on_a_lock(schema, watcher):
+            assert time.monotonic() < deadline and not running.done(), "the C-STORE never waited"
+            time.sleep(0.02)
+        assert terminate_pg_backends(schema, watcher) >= 1
+        admin.rollback()
+        failed = running.result(timeout=30)
+    admin.close()
+    watcher.close()
     assert failed.Status == 0xA700
     assert failed.ErrorComment.startswith("index unavailable")
     assert "index connection lost" in caplog.text
-    assert assoc.send_c_store(third).Status == 0  # the same thread, a new connection
-    assert assoc.send_c_store(second).Status == 0  # the sender retries: nothing lost
 
-    terminate_pg_backends(schema)
-    matches, final = find(assoc, query("IMAGE", StudyInstanceUID=first.StudyInstanceUID,
-                                       SeriesInstanceUID=first.SeriesInstanceUID,
-                                       SOPInstanceUID=None))
-    assert (len(matches), final.Status) == (0, 0xA700)
+    assert assoc.send_c_store(third).Status == 0  # the sender retries: nothing lost
     matches, final = find(assoc, query("IMAGE", StudyInstanceUID=first.StudyInstanceUID,
                                        SeriesInstanceUID=first.SeriesInstanceUID,
                                        SOPInstanceUID=None))
@@ -62,8 +85,6 @@ def test_lost_connection_fails_the_operation_in_flight_then_reconnects(pg_node, 
     with open_index(node.config_path):
         assert {i.sop_uid for i in Instance.select()} == {
             str(ds.SOPInstanceUID) for ds in (first, second, third)}
-    assert all(stored_path(node.config, ds.SOPInstanceUID).is_file()
-               for ds in (first, second, third))
     result = run_pacs("verify", "--no-progress", config=node.config_path)
     assert (result.returncode, result.stdout) == (0, "store and index are consistent\n")
 

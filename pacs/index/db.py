@@ -4,15 +4,20 @@ SQLite runs in WAL mode so queries never wait for ingest, with
 `synchronous=FULL` when the store is durable (each group commit survives a
 power cut) and a busy timeout so a second process waits instead of failing.
 
-PostgreSQL (psycopg2) may be shared by several nodes: each thread has its own
-connection (peewee's per-thread state), writers retry a transaction the
-server aborted for a deadlock or serialization failure, large results stream
-from a server-side cursor, and a connection the server dropped is discarded
-so the next operation connects afresh.
+PostgreSQL (psycopg2) may be shared by several nodes. Connections come from a
+pool (playhouse.pool): a DIMSE handler takes one on its first query and gives
+it back when it returns (`releasing`), and a pooled connection is checked
+with a round trip when taken, so one that a server restart killed is replaced
+instead of failing an operation. Writers retry a transaction the server
+aborted for a deadlock or serialization failure, large results stream from a
+server-side cursor, and a connection that fails in use is discarded, so the
+operation in flight fails (0xA700) and the next one connects afresh.
 """
 from __future__ import annotations
 
 import fcntl
+import functools
+import inspect
 import logging
 import os
 import random
@@ -21,14 +26,14 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from peewee import (
     Database, InterfaceError, OperationalError, PeeweeException, PostgresqlDatabase, SelectBase,
     SqliteDatabase,
 )
 from playhouse.db_url import parse
-from playhouse.postgres_ext import PostgresqlExtDatabase
+from playhouse.postgres_ext import PooledPostgresqlExtDatabase
 
 from pacs.index.models import MODELS, database
 from pacs.index.schema import SchemaError, create_schema, drop_schema
@@ -36,6 +41,7 @@ from pacs.index.schema import SchemaError, create_schema, drop_schema
 log = logging.getLogger(__name__)
 BUSY_TIMEOUT_S = 10
 PG_CONNECT_TIMEOUT_S = 10
+PG_RECYCLE_S = 600  # a pooled connection older than this is closed rather than reused
 WRITE_ATTEMPTS = 8
 STREAM_BATCH = 500
 # SQLSTATEs of a transaction the server aborted only because of a concurrent one
@@ -114,16 +120,17 @@ def _make(url: str, durable: bool) -> Database:
     return db
 
 
-class _Postgres(PostgresqlExtDatabase):
-    """PostgreSQL whose commits wait for the WAL flush only when the store is durable.
+class _Postgres(PooledPostgresqlExtDatabase):
+    """Pooled PostgreSQL whose commits wait for the WAL flush only when the store is durable.
 
     With `storage.fsync: false` the files are not fsynced either, so, like
     SQLite's synchronous=NORMAL, a server crash may lose the last commits
     (never corrupt the index); each commit then costs no disk flush.
     """
 
-    def __init__(self, durable: bool, *args: object, **kwargs: object):
-        super().__init__(*args, **kwargs)
+    def __init__(self, durable: bool, *args: Any, **kwargs: Any):
+        # No cap of our own: network.max_associations bounds the handlers.
+        super().__init__(*args, max_connections=0, stale_timeout=PG_RECYCLE_S, **kwargs)
         self.durable = durable
 
     def _initialize_connection(self, conn) -> None:
@@ -155,6 +162,37 @@ def _sqlstate(exc: BaseException) -> str | None:
         if code:
             return code
     return None
+
+
+def release_connection() -> None:
+    """Give this thread's PostgreSQL connection back to the pool (SQLite keeps its own)."""
+    db = database.obj
+    if isinstance(db, _Postgres) and not db.is_closed() and not db.in_transaction():
+        db.close()
+
+
+def releasing(handler: Callable[..., T]) -> Callable[..., T]:
+    """`handler` (a function or a generator function) releasing the connection when done.
+
+    Handlers run on pynetdicom's association threads; a connection per thread
+    would be opened anew for every association (~10 ms on PostgreSQL).
+    """
+    if inspect.isgeneratorfunction(handler):
+        @functools.wraps(handler)
+        def generator(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return (yield from handler(*args, **kwargs))
+            finally:
+                release_connection()
+        return generator
+
+    @functools.wraps(handler)
+    def function(*args: Any, **kwargs: Any) -> T:
+        try:
+            return handler(*args, **kwargs)
+        finally:
+            release_connection()
+    return function
 
 
 def discard_broken_connection() -> bool:
