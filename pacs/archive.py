@@ -24,7 +24,8 @@ from pacs.committer import GroupCommitter
 from pacs.config import Config
 from pacs.filestore import FileStore, StoreWriteError
 from pacs.header import InvalidInstance, check_identity, read_header
-from pacs.index.db import close_database, discard_broken_connection, open_database
+from pacs.index.db import close_database, open_database
+from pacs.index.postgres import discard_broken_connection
 from pacs.index.models import Instance
 from pacs.index.records import InstanceRecord, build_record
 from pacs.index.selection import Match, find_instances, select_matches

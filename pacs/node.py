@@ -19,7 +19,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pacs.archive import Archive
 from pacs.config import Config
 from pacs.handoff import start_channel_server
-from pacs.index.db import releasing
+from pacs.index.postgres import releasing
 from pacs.services import dispatch
 from pacs.services.commitment import handle_commitment
 from pacs.services.echo import handle_echo

@@ -4,20 +4,13 @@ SQLite runs in WAL mode so queries never wait for ingest, with
 `synchronous=FULL` when the store is durable (each group commit survives a
 power cut) and a busy timeout so a second process waits instead of failing.
 
-PostgreSQL (psycopg2) may be shared by several nodes. Connections come from a
-pool (playhouse.pool): a DIMSE handler takes one on its first query and gives
-it back when it returns (`releasing`), and a pooled connection is checked
-with a round trip when taken, so one that a server restart killed is replaced
-instead of failing an operation. Writers retry a transaction the server
-aborted for a deadlock or serialization failure, large results stream from a
-server-side cursor, and a connection that fails in use is discarded, so the
-operation in flight fails (0xA700) and the next one connects afresh.
+PostgreSQL may be shared by several nodes: writers retry a transaction the
+server aborted for a deadlock or serialization failure, and large results
+stream from a server-side cursor. Its connections: index/postgres.py.
 """
 from __future__ import annotations
 
 import fcntl
-import functools
-import inspect
 import logging
 import os
 import random
@@ -26,22 +19,19 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from peewee import (
     Database, InterfaceError, OperationalError, PeeweeException, PostgresqlDatabase, SelectBase,
     SqliteDatabase,
 )
-from playhouse.db_url import parse
-from playhouse.postgres_ext import PooledPostgresqlExtDatabase
 
 from pacs.index.models import MODELS, database
+from pacs.index.postgres import connect_postgres, discard_broken_connection, sqlstate
 from pacs.index.schema import SchemaError, create_schema, drop_schema
 
 log = logging.getLogger(__name__)
 BUSY_TIMEOUT_S = 10
-PG_CONNECT_TIMEOUT_S = 10
-PG_RECYCLE_S = 600  # a pooled connection older than this is closed rather than reused
 WRITE_ATTEMPTS = 8
 STREAM_BATCH = 500
 # SQLSTATEs of a transaction the server aborted only because of a concurrent one
@@ -112,31 +102,10 @@ def _make(url: str, durable: bool) -> Database:
             },
         )
     elif url.startswith(("postgresql://", "postgres://")):
-        params = parse(url)
-        params.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
-        db = _Postgres(durable, **params)
+        db = connect_postgres(url, durable)
     else:
         raise DatabaseURLError(f"unsupported database URL {url!r} (use sqlite:/// or postgresql://)")
     return db
-
-
-class _Postgres(PooledPostgresqlExtDatabase):
-    """Pooled PostgreSQL whose commits wait for the WAL flush only when the store is durable.
-
-    With `storage.fsync: false` the files are not fsynced either, so, like
-    SQLite's synchronous=NORMAL, a server crash may lose the last commits
-    (never corrupt the index); each commit then costs no disk flush.
-    """
-
-    def __init__(self, durable: bool, *args: Any, **kwargs: Any):
-        # No cap of our own: network.max_associations bounds the handlers.
-        super().__init__(*args, max_connections=0, stale_timeout=PG_RECYCLE_S, **kwargs)
-        self.durable = durable
-
-    def _initialize_connection(self, conn) -> None:
-        if not self.durable:
-            with conn.cursor() as cursor:
-                cursor.execute("SET synchronous_commit TO off")
 
 
 def reset_schema(db: Database) -> None:
@@ -145,74 +114,10 @@ def reset_schema(db: Database) -> None:
     create_schema(db)
 
 
-def is_postgres() -> bool:
-    return isinstance(database.obj, PostgresqlDatabase)
-
-
 def close_database() -> None:
     db = database.obj
     if db is not None and not db.is_closed():
         db.close()
-
-
-def _sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of the driver error peewee wrapped (its first argument)."""
-    for candidate in (exc, *exc.args[:1], exc.__cause__, exc.__context__):
-        code = getattr(candidate, "pgcode", None) or getattr(candidate, "sqlstate", None)
-        if code:
-            return code
-    return None
-
-
-def release_connection() -> None:
-    """Give this thread's PostgreSQL connection back to the pool (SQLite keeps its own)."""
-    db = database.obj
-    if isinstance(db, _Postgres) and not db.is_closed() and not db.in_transaction():
-        db.close()
-
-
-def releasing(handler: Callable[..., T]) -> Callable[..., T]:
-    """`handler` (a function or a generator function) releasing the connection when done.
-
-    Handlers run on pynetdicom's association threads; a connection per thread
-    would be opened anew for every association (~10 ms on PostgreSQL).
-    """
-    if inspect.isgeneratorfunction(handler):
-        @functools.wraps(handler)
-        def generator(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return (yield from handler(*args, **kwargs))
-            finally:
-                release_connection()
-        return generator
-
-    @functools.wraps(handler)
-    def function(*args: Any, **kwargs: Any) -> T:
-        try:
-            return handler(*args, **kwargs)
-        finally:
-            release_connection()
-    return function
-
-
-def discard_broken_connection() -> bool:
-    """After an index error: drop this thread's connection if the server closed it.
-
-    The next operation then connects afresh (PostgreSQL restarted, the backend
-    was terminated); a connection that is merely idle is kept. True if dropped.
-    """
-    db = database.obj
-    if not isinstance(db, PostgresqlDatabase) or db.is_closed() or db.in_transaction():
-        return False
-    if not getattr(db._state.conn, "closed", False) and db.is_connection_usable():
-        return False
-    log.warning("index connection lost; the next operation reconnects")
-    try:
-        db.close()
-    except PeeweeException:
-        pass
-    db._state.reset()
-    return True
 
 
 def in_write_transaction(work: Callable[[], T]) -> T:
@@ -227,11 +132,11 @@ def in_write_transaction(work: Callable[[], T]) -> T:
             with write_transaction():
                 return work()
         except (OperationalError, InterfaceError) as exc:
-            if attempt == WRITE_ATTEMPTS or _sqlstate(exc) not in _RETRYABLE:
+            if attempt == WRITE_ATTEMPTS or sqlstate(exc) not in _RETRYABLE:
                 discard_broken_connection()
                 raise
             log.info("index transaction aborted by a concurrent one (%s); retry %d",
-                     _sqlstate(exc), attempt)
+                     sqlstate(exc), attempt)
             time.sleep(random.uniform(0, 0.01 * attempt))
     raise AssertionError("unreachable")
 

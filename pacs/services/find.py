@@ -32,7 +32,7 @@ from pynetdicom.sop_class import (
 
 from pacs.archive import Archive
 from pacs.index.answer import Answer
-from pacs.index.db import discard_broken_connection
+from pacs.index.postgres import discard_broken_connection
 from pacs.index.query import Find, QueryError, QueryOptions
 from pacs.index.levels import PATIENT_ROOT, STUDY_ROOT
 from pacs.pdata import DATA_SET, command_set, ui, us
