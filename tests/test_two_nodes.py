@@ -37,23 +37,26 @@ def batch(index: int) -> list:
 
 @pytest.fixture
 def nodes(tmp_path):
-    """Nodes A and B: one index, one store; B knows the C-MOVE destination DEST."""
+    """Nodes A and B, started at once on a new database: one index, one store.
+
+    B knows the C-MOVE destination DEST.
+    """
     dest = RecordingSCP()
-    store = tmp_path / "shared-store"
-    with fresh_database("postgresql") as url:
-        started = []
+    configs = []
+    for name, remote_aes in (("A", {}), ("B", {"DEST": {"host": "127.0.0.1", "port": dest.port}})):
+        (tmp_path / name).mkdir()
+        configs.append((tmp_path / name, dict(
+            ae_title=f"NODE{name}", storage={"root": str(tmp_path / "shared-store")},
+            remote_aes=remote_aes)))
+    with fresh_database("postgresql") as url, ThreadPoolExecutor(2) as pool:
+        starting = [pool.submit(lambda f, o: ServeProcess(write_config(
+            f, database={"url": url}, **o)), folder, overrides) for folder, overrides in configs]
         try:
-            for name, remote_aes in (("A", {}), ("B", {"DEST": {"host": "127.0.0.1",
-                                                               "port": dest.port}})):
-                folder = tmp_path / name
-                folder.mkdir()
-                started.append(ServeProcess(write_config(
-                    folder, ae_title=f"NODE{name}", storage={"root": str(store)},
-                    database={"url": url}, remote_aes=remote_aes)))
-            yield (*started, dest)
+            yield (*(future.result() for future in starting), dest)
         finally:
-            for proc in started:
-                proc.kill()
+            for future in starting:
+                if future.exception() is None:
+                    future.result().kill()
             dest.stop()
 
 
