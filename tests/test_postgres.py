@@ -1,4 +1,5 @@
-"""PostgreSQL connections: a lost one fails the operation in flight, the next reconnects.
+"""PostgreSQL connections and transactions: a lost connection fails the operation in flight,
+the next reconnects; a transaction aborted for a deadlock runs again.
 
 The server is shared, so instead of restarting it the test terminates the
 node's own backends (pg_terminate_backend, which is what a restart does to
@@ -13,11 +14,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from peewee import OperationalError
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.sop_class import CTImageStorage
 
-from pacs.index.db import close_database, open_database
-from pacs.index.models import Instance
+from pacs.index.db import close_database, in_write_transaction, open_database
+from pacs.index.models import Instance, Patient, database
 from tests.conftest import (
     RunningNode, associate, fresh_database, open_index, pg_admin, run_pacs,
     terminate_pg_backends, write_config,
@@ -95,5 +97,30 @@ def test_commits_wait_for_the_wal_flush_only_when_the_store_is_durable(durable, 
         db = open_database(url, durable=durable)
         try:
             assert db.execute_sql("SHOW synchronous_commit").fetchone() == (expected,)
+        finally:
+            close_database()
+
+
+def test_transaction_aborted_for_a_deadlock_runs_again():
+    """The server's own 40P01 (raised by PL/pgSQL, as its deadlock detector would) is retried."""
+    attempts = []
+
+    def work() -> str:
+        attempts.append(1)
+        Patient.create(patient_id=f"try{len(attempts)}")
+        if len(attempts) == 1:
+            database.execute_sql("DO $$ BEGIN RAISE EXCEPTION 'deadlock' "
+                                 "USING ERRCODE = '40P01'; END $$")
+        return "done"
+
+    with fresh_database("postgresql") as url:
+        open_database(url)
+        try:
+            assert in_write_transaction(work) == "done"
+            assert len(attempts) == 2
+            assert [p.patient_id for p in Patient.select()] == ["try2"]  # the first rolled back
+            with pytest.raises(OperationalError):  # any other failure is not retried
+                in_write_transaction(lambda: database.execute_sql(
+                    "DO $$ BEGIN RAISE EXCEPTION 'no' USING ERRCODE = '57014'; END $$"))
         finally:
             close_database()
