@@ -26,6 +26,7 @@ from pacs.filestore import FileStore, StoreWriteError
 from pacs.header import InvalidInstance, check_identity, read_header
 from pacs.index.audit import write_events
 from pacs.index.db import close_database, open_database
+from pacs.index.postgres import discard_broken_connection
 from pacs.index.models import Instance
 from pacs.index.records import InstanceRecord, build_record, text
 from pacs.index.selection import Match, find_instances, select_matches
@@ -56,11 +57,19 @@ class Ingested:
 
 @contextmanager
 def _index_errors() -> Iterator[None]:
-    """A database failure becomes OutOfResources: the peer may retry later (0xA700)."""
+    """A database failure becomes OutOfResources: the peer may retry later (0xA700).
+
+    A connection the server dropped is discarded, so the next operation reconnects.
+    """
     try:
         yield
     except PeeweeException as exc:
-        raise OutOfResources(f"index unavailable: {exc}") from None
+        discard_broken_connection()
+        raise OutOfResources(f"index unavailable: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 class Archive:

@@ -1,5 +1,5 @@
-"""The `pacs` commands (serve, import, reindex, verify, stats, audit): parse arguments, map
-errors to exit codes.
+"""The `pacs` commands (serve, import, reindex, verify, stats, audit, migrate): parse
+arguments, map errors to exit codes.
 
 Exit codes: 0 success, 1 problems found (import failures, verify
 inconsistencies), 2 a bad config or command line (one line, no traceback).
@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--type", choices=EVENT_TYPES, help="only this kind of event")
     audit.add_argument("--ae", metavar="TITLE", help="only events of this calling AE title")
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
+    mig = sub.add_parser("migrate", parents=[common],
+                         help="copy the index into another (empty) database")
+    mig.add_argument("--from", dest="source", metavar="URL",
+                     help="the index to copy (default: database.url of the config)")
+    mig.add_argument("--to", dest="target", metavar="URL", required=True,
+                     help="the database to copy into, e.g. postgresql://user@host:5432/db")
+    mig.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -88,6 +95,8 @@ def _guarded(args: argparse.Namespace, config: Config, work: Callable[[], int]) 
 def _run(args: argparse.Namespace, config: Config) -> int:
     if args.command == "serve":
         return _serve(args, config)
+    if args.command == "migrate":
+        return _migrate(args, config)
     from pacs import maintenance
     from pacs.archive import Archive
 
@@ -142,6 +151,32 @@ def _prepare(config: Config) -> int:
     archive = Archive(config)
     clean_staging(archive)
     archive.close()
+    return EXIT_OK
+
+
+def _migrate(args: argparse.Namespace, config: Config) -> int:
+    """Copy the index at --from (default: the config's) into the empty database at --to."""
+    from pacs.index.db import close_database, open_database, open_unbound
+    from pacs.index.transfer import TargetNotEmpty, copy_index
+
+    source = args.source or config.database.url
+    try:
+        open_database(source)
+    except DatabaseURLError as exc:
+        print(f"pacs: --from: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        target = open_unbound(args.target)
+        try:
+            copied = copy_index(target, progress=not args.no_progress)
+        finally:
+            target.close()
+    except (DatabaseURLError, TargetNotEmpty) as exc:
+        print(f"pacs: --to: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        close_database()
+    print("copied " + ", ".join(f"{count} {table}" for table, count in copied.items()))
     return EXIT_OK
 
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from pacs.archive import Archive, InvalidInstance, Outcome, OutOfResources
 from pacs.header import check_identity, read_header
-from pacs.index.db import reset_schema
+from pacs.index.db import reset_schema, stream
 from pacs.index.models import Instance, Patient, Series, Study, database
 from pacs.index.records import build_record
 from pacs.index.writer import write_batch
@@ -112,9 +112,9 @@ def verify(archive: Archive, progress: bool = True) -> list[str]:
     store = archive.store
     problems = []
     indexed = set()
-    rows = Instance.select(Instance.sop_uid, Instance.path, Instance.size).tuples()
+    rows = stream(Instance.select(Instance.sop_uid, Instance.path, Instance.size))
     total = Instance.select().count()
-    for sop_uid, relpath, size in tqdm(rows.iterator(), total=total, unit="row",
+    for sop_uid, relpath, size in tqdm(rows, total=total, unit="row",
                                        disable=not progress, desc="verify"):
         indexed.add(relpath)
         actual = store.size(relpath)

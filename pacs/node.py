@@ -25,6 +25,7 @@ from pacs.endpoints import binding, endpoints
 from pacs.handoff import start_channel_server, start_listening
 from pacs.live import LiveConfig
 from pacs.sdnotify import notify
+from pacs.index.postgres import releasing
 from pacs.services import dispatch
 from pacs.services.commitment import handle_commitment
 from pacs.services.echo import handle_echo
@@ -107,13 +108,13 @@ class Node:
             (evt.EVT_ABORTED, activity.on_end),
             (evt.EVT_REJECTED, activity.on_end),
             (evt.EVT_CONN_CLOSE, discard_partial),
-            (evt.EVT_CONN_CLOSE, activity.on_close, [self.archive]),
+            (evt.EVT_CONN_CLOSE, releasing(activity.on_close), [self.archive]),  # writes audit rows
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.archive]),
-            (evt.EVT_C_FIND, handle_find, [self.archive]),
-            (evt.EVT_C_MOVE, handle_move, [self.archive, self.live]),
-            (evt.EVT_C_GET, handle_get, [self.archive]),
-            (evt.EVT_N_ACTION, handle_commitment, [self.archive, self.live]),
+            (evt.EVT_C_STORE, releasing(handle_store), [self.archive]),
+            (evt.EVT_C_FIND, releasing(handle_find), [self.archive]),
+            (evt.EVT_C_MOVE, releasing(handle_move), [self.archive, self.live]),
+            (evt.EVT_C_GET, releasing(handle_get), [self.archive]),
+            (evt.EVT_N_ACTION, releasing(handle_commitment), [self.archive, self.live]),
         ]
 
     def start(self, channel: socket.socket | None = None) -> None:
@@ -138,8 +139,7 @@ class Node:
 
     def _sweep(self) -> None:
         """Drop receive files left by aborted associations, once they are surely dead."""
-        net = self.config.network
-        age = 2 * (net.network_timeout + net.dimse_timeout) + 60
+        age = _surely_dead_after(self.config)
         while not self._sweeper.wait(SWEEP_EVERY_S):
             self.archive.store.clean_staging(older_than=age)
 
@@ -160,9 +160,21 @@ class Node:
         receive_into(None)
 
 
+def _surely_dead_after(config: Config) -> float:
+    """Seconds after which a receive file no association wrote to is abandoned."""
+    net = config.network
+    return 2 * (net.network_timeout + net.dimse_timeout) + 60
+
+
 def clean_staging(archive: Archive) -> None:
-    """Remove receive files of a previous run (only while no association can be running)."""
-    removed = archive.store.clean_staging()
+    """Remove receive files of a previous run (only while no association can be running).
+
+    With a PostgreSQL index other nodes may share the store and be receiving
+    into its staging folder right now: then only abandoned files go.
+    """
+    shared = archive.config.database.url.startswith(("postgresql://", "postgres://"))
+    removed = archive.store.clean_staging(
+        older_than=_surely_dead_after(archive.config) if shared else 0)
     if removed:
         log.info("removed %d stray temporary files from an earlier run", removed)
 

@@ -2,6 +2,8 @@
 
 `node` runs the server in this process (Archive + Node, as `pacs serve` does);
 `serve_process` runs `pacs serve` as a subprocess for signal and CLI tests.
+Both use the index backend of the `backend` fixture: SQLite, or in modules
+marked `both_backends` also PostgreSQL, each test in a new empty schema.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -26,12 +29,90 @@ from pynetdicom.sop_class import Verification
 from pacs.archive import Archive
 from pacs.config import Config, load
 from pacs.index.db import close_database, open_database
-from pacs.index.models import Instance, Patient, Series, Study
+from pacs.index.models import Instance, Patient, Series, Study, database
+from pacs.index.schema import drop_schema
 from pacs.node import Node
 
 DCMTK = Path("/usr/bin")
 HAVE_DCMTK = (DCMTK / "storescu").exists()
 needs_dcmtk = pytest.mark.skipif(not HAVE_DCMTK, reason="DCMTK not installed (apt-get install dcmtk)")
+
+
+PG_URL = os.environ.get("PACS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_backends: run the module on SQLite and PostgreSQL")
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+            "both_backends"):
+        metafunc.parametrize("backend", BACKENDS, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def backend(request) -> str:
+    """The index backend: "sqlite" unless the module is marked `both_backends`."""
+    return getattr(request, "param", "sqlite")
+
+
+def pg_admin():
+    """A psycopg2 connection to the test server, or a skip saying why there is none."""
+    import psycopg2
+
+    try:
+        conn = psycopg2.connect(PG_URL, connect_timeout=5)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {str(exc).strip().splitlines()[0]}")
+    conn.autocommit = True
+    return conn
+
+
+def pg_schema_url(schema: str) -> str:
+    """A database URL whose connections work in `schema` and are named after it."""
+    return f"{PG_URL}?options=-csearch_path%3D{schema}&application_name={schema}"
+
+
+@contextmanager
+def fresh_database(backend: str) -> Iterator[str | None]:
+    """None for SQLite (write_config's file); for PostgreSQL the URL of a new empty schema.
+
+    The schema is dropped afterwards, with any connections left in it.
+    """
+    if backend == "sqlite":
+        yield None
+        return
+    schema = f"t_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+    admin = pg_admin()
+    try:
+        admin.cursor().execute(f'CREATE SCHEMA "{schema}"')
+        yield pg_schema_url(schema)
+    finally:
+        terminate_pg_backends(schema, admin)
+        admin.cursor().execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        admin.close()
+
+
+def terminate_pg_backends(schema: str, admin=None) -> int:
+    """Terminate the server processes of connections made with `schema`'s URL; their count."""
+    conn = admin or pg_admin()
+    try:
+        cur = conn.cursor()
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = %s AND pid <> pg_backend_pid()", (schema,))
+        return cur.rowcount
+    finally:
+        if admin is None:
+            conn.close()
+
+
+@pytest.fixture
+def database_url(backend) -> Iterator[str | None]:
+    """The `database.url` of a test's nodes: None (SQLite file) or a fresh PostgreSQL schema."""
+    with fresh_database(backend) as url:
+        yield url
 
 
 def free_port() -> int:
@@ -89,12 +170,20 @@ class RunningNode:
         self._start()
 
 
+def on_database(url: str | None, overrides: dict) -> dict:
+    """The overrides with `database.url` set to `url` unless they name their own."""
+    if url is None or "database" in overrides:
+        return overrides
+    return {**overrides, "database": {"url": url}}
+
+
 @pytest.fixture
-def make_node(tmp_path):
+def make_node(tmp_path, database_url):
     """Factory: make_node(**config overrides) -> RunningNode, stopped at teardown."""
     started = []
 
     def make(**overrides):
+        overrides = on_database(database_url, overrides)
         folder = tmp_path / f"node{len(started)}"
         folder.mkdir()
         running = RunningNode(write_config(folder, **overrides))
@@ -196,13 +285,14 @@ class ServeProcess:
 
 
 @pytest.fixture
-def serve_process(tmp_path):
+def serve_process(tmp_path, database_url):
     """Factory: serve_process(prefix=(), tls_args=None, args=(), **config overrides) ->
     ServeProcess, killed at teardown."""
     started = []
 
     def start(prefix: tuple[str, ...] = (), tls_args: tuple | None = None,
               args: tuple[str, ...] = (), **overrides):
+        overrides = on_database(database_url, overrides)
         folder = tmp_path / f"proc{len(started)}"
         folder.mkdir()
         proc = ServeProcess(write_config(folder, **overrides), prefix=prefix, tls_args=tls_args,
@@ -252,9 +342,13 @@ def staging_files(config: Config) -> list[Path]:
 
 
 def delete_index(config: Config) -> None:
-    """Delete a SQLite index with its WAL files; the store stays."""
-    database = Path(config.database.url.removeprefix("sqlite:///"))
-    for path in database.parent.glob(database.name + "*"):
+    """Delete the index (a SQLite file with its WAL files, or PostgreSQL tables); the store stays."""
+    if not config.database.url.startswith("sqlite:///"):
+        with open_index(config.source):
+            drop_schema(database.obj)
+        return
+    database_file = Path(config.database.url.removeprefix("sqlite:///"))
+    for path in database_file.parent.glob(database_file.name + "*"):
         path.unlink()
 
 

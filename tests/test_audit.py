@@ -5,6 +5,7 @@ import json
 import logging
 import re
 
+import pytest
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
@@ -20,6 +21,8 @@ from pacs.logs import SharedRotatingFileHandler
 from tests.conftest import associate, run_pacs, send_datasets
 from tests.dicomgen import make_study
 from tests.retrieve_support import RecordingSCP, counts, identifier, retrieve
+
+pytestmark = pytest.mark.both_backends  # the audit trail lives in either index
 
 NAME = "SECRETNAME^JANE"
 PID = "PID-AUDIT-7"

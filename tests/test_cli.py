@@ -8,9 +8,12 @@ import pytest
 
 from pacs.config import load
 from tests.conftest import (
-    delete_index, index_snapshot, open_index, run_pacs, store_files, stored_path, write_config,
+    delete_index, index_snapshot, on_database, open_index, run_pacs, store_files, stored_path,
+    write_config,
 )
 from tests.dicomgen import make_instance, make_study, write
+
+pytestmark = pytest.mark.both_backends  # every command on SQLite and PostgreSQL
 
 
 def make_source(folder: Path) -> list:
@@ -32,10 +35,10 @@ def make_source(folder: Path) -> list:
     return good
 
 
-def site_config(tmp_path: Path, **overrides: object) -> Path:
-    """A config in tmp_path/site, with no node running on it."""
+def site_config(tmp_path: Path, database_url: str | None, **overrides: object) -> Path:
+    """A config in tmp_path/site on the test's index backend, with no node running on it."""
     (tmp_path / "site").mkdir()
-    return write_config(tmp_path / "site", **overrides)
+    return write_config(tmp_path / "site", **on_database(database_url, overrides))
 
 
 def import_(config: Path, *paths: Path):
@@ -43,8 +46,8 @@ def import_(config: Path, *paths: Path):
 
 
 @pytest.mark.parametrize("on_duplicate", ["replace", "keep"])
-def test_import_folder(tmp_path, on_duplicate):
-    config = site_config(tmp_path, storage={"on_duplicate": on_duplicate})
+def test_import_folder(tmp_path, database_url, on_duplicate):
+    config = site_config(tmp_path, database_url, storage={"on_duplicate": on_duplicate})
     source = tmp_path / "source"
     good = make_source(source)
     before = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
@@ -78,9 +81,9 @@ def test_import_folder(tmp_path, on_duplicate):
 
 
 @pytest.fixture
-def filled(tmp_path):
+def filled(tmp_path, database_url):
     """A config whose archive holds the good files of :func:`make_source`."""
-    config = site_config(tmp_path)
+    config = site_config(tmp_path, database_url)
     make_source(tmp_path / "source")
     assert import_(config, tmp_path / "source").returncode == 1
     return config
@@ -109,8 +112,8 @@ def test_reindex_rebuilds_the_same_index(filled):
     assert ("\\CT\\MR\\", 3, 5) in {row[3:4] + row[5:] for row in after["studies"]}
 
 
-def test_reindex_warns_of_patient_name_conflicts(tmp_path):
-    config = site_config(tmp_path)
+def test_reindex_warns_of_patient_name_conflicts(tmp_path, database_url):
+    config = site_config(tmp_path, database_url)
     for n, name in enumerate(("DOE^JOHN", "DOE^JONATHAN")):
         write(make_instance(patient_name=name, study=f"1.2.3.{n}"), tmp_path / "in" / f"{n}.dcm")
     assert import_(config, tmp_path / "in").returncode == 0

@@ -15,6 +15,8 @@ from tests.conftest import free_port, stored_path
 from tests.dicomgen import make_study
 from tests.retrieve_support import store
 
+pytestmark = pytest.mark.both_backends  # same results on SQLite and PostgreSQL
+
 INSTANCE = "1.2.840.10008.1.20.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

@@ -1,9 +1,13 @@
 """C-FIND config and flow control: query.max_results, query.case_insensitive_pn, C-CANCEL."""
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import associate, send_datasets
 from tests.dicomgen import make_instance, uid, write
 from tests.find_support import STUDY_ROOT, find, query, values
+
+pytestmark = pytest.mark.both_backends  # same results on SQLite and PostgreSQL
 
 
 def load(node, datasets) -> None:

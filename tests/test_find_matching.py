@@ -12,7 +12,9 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from tests.conftest import RunningNode, associate, needs_dcmtk, send_datasets, write_config
+from tests.conftest import (
+    RunningNode, associate, fresh_database, needs_dcmtk, on_database, send_datasets, write_config,
+)
 from tests.dicomgen import MR
 from tests.find_support import (
     GREEK, MUELLER, PATIENT_ROOT, STUDY, STUDY_ROOT, archive, find, findscu, query, studies,
@@ -20,18 +22,20 @@ from tests.find_support import (
 )
 
 # The client side warns about the wild cards and ranges pydicom thinks invalid in CS, UI, DA.
-pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
+pytestmark = [pytest.mark.filterwarnings("ignore:Invalid value for VR"),
+              pytest.mark.both_backends]
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
+def loaded(tmp_path_factory, backend):
     """One node holding the fixture archive for the whole module."""
-    node = RunningNode(write_config(tmp_path_factory.mktemp("find")))
-    try:
-        assert {s.Status for s in send_datasets(node, archive())} == {0}
-        yield node
-    finally:
-        node.stop()
+    with fresh_database(backend) as url:
+        node = RunningNode(write_config(tmp_path_factory.mktemp("find"), **on_database(url, {})))
+        try:
+            assert {s.Status for s in send_datasets(node, archive())} == {0}
+            yield node
+        finally:
+            node.stop()
 
 
 @pytest.fixture(scope="module")

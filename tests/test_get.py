@@ -22,6 +22,8 @@ from tests.retrieve_support import (
     compress, counts, failed_uids, fit_bits_stored, identifier, retrieve, store,
 )
 
+pytestmark = pytest.mark.both_backends  # same results on SQLite and PostgreSQL
+
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 

@@ -21,6 +21,8 @@ from tests.retrieve_support import (
     retrieve, store,
 )
 
+pytestmark = pytest.mark.both_backends  # same results on SQLite and PostgreSQL
+
 
 @pytest.fixture
 def destinations(tmp_path):

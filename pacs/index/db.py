@@ -3,23 +3,40 @@
 SQLite runs in WAL mode so queries never wait for ingest, with
 `synchronous=FULL` when the store is durable (each group commit survives a
 power cut) and a busy timeout so a second process waits instead of failing.
+
+PostgreSQL may be shared by several nodes: writers retry a transaction the
+server aborted for a deadlock or serialization failure, and large results
+stream from a server-side cursor. Its connections: index/postgres.py.
 """
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import random
 import re
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
-from peewee import Database, PeeweeException, PostgresqlDatabase, SqliteDatabase
-from playhouse.db_url import parse
+from peewee import (
+    Database, InterfaceError, OperationalError, PeeweeException, PostgresqlDatabase, SelectBase,
+    SqliteDatabase,
+)
 
-from pacs.index.models import MODELS, SCHEMA_VERSION, AuditEvent, SchemaVersion, database
+from pacs.index.models import MODELS, AuditEvent, database
+from pacs.index.postgres import connect_postgres, discard_broken_connection, sqlstate
+from pacs.index.schema import SchemaError, create_schema, drop_schema
 
+log = logging.getLogger(__name__)
 BUSY_TIMEOUT_S = 10
+WRITE_ATTEMPTS = 8
+STREAM_BATCH = 500
+# SQLSTATEs of a transaction the server aborted only because of a concurrent one
+_RETRYABLE = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+T = TypeVar("T")
 
 
 class DatabaseURLError(ValueError):
@@ -27,23 +44,46 @@ class DatabaseURLError(ValueError):
 
 
 def open_database(url: str, durable: bool = True) -> Database:
-    """Connect the models to the database at `url` and create the schema if new."""
-    try:
-        db = _connect(url, durable)
+    """Connect the models to the database at `url` and create or upgrade its schema."""
+    with _naming(url):
+        db = _make(url, durable)
+        database.initialize(db)
+        db.connect(reuse_if_open=True)
         create_schema(db)
-    except (OSError, PeeweeException) as exc:
-        # A missing folder, a file in the way, a server down: the config's fault
-        # as far as the user can tell, so say which URL rather than a traceback.
+    return db
+
+
+def open_unbound(url: str) -> Database:
+    """The database at `url` with its schema ready, the models left bound where they are.
+
+    For copying one index into another (`pacs migrate`).
+    """
+    with _naming(url):
+        db = _make(url, durable=True)
+        db.connect()
+        with db.bind_ctx(MODELS):
+            create_schema(db)
+    return db
+
+
+@contextmanager
+def _naming(url: str) -> Iterator[None]:
+    """A missing folder, a file in the way, a server down become one DatabaseURLError.
+
+    The config's fault as far as the user can tell: say which URL, not a traceback.
+    """
+    try:
+        yield
+    except (OSError, PeeweeException, SchemaError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
         raise DatabaseURLError(f"cannot open {_without_password(url)}: {reason}") from None
-    return db
 
 
 def _without_password(url: str) -> str:
     return re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
-def _connect(url: str, durable: bool) -> Database:
+def _make(url: str, durable: bool) -> Database:
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         if path != ":memory:":
@@ -62,20 +102,10 @@ def _connect(url: str, durable: bool) -> Database:
             },
         )
     elif url.startswith(("postgresql://", "postgres://")):
-        db = PostgresqlDatabase(**parse(url))
+        db = connect_postgres(url, durable)
     else:
         raise DatabaseURLError(f"unsupported database URL {url!r} (use sqlite:/// or postgresql://)")
-    database.initialize(db)
-    db.connect(reuse_if_open=True)
     return db
-
-
-def create_schema(db: Database) -> None:
-    """Create the tables that are missing and record the schema version."""
-    with db.atomic():
-        db.create_tables(MODELS, safe=True)
-        if not SchemaVersion.select().exists():
-            SchemaVersion.create(version=SCHEMA_VERSION)
 
 
 def reset_schema(db: Database) -> None:
@@ -83,8 +113,7 @@ def reset_schema(db: Database) -> None:
 
     The audit trail stays: it cannot be rebuilt from the files.
     """
-    with db.atomic():
-        db.drop_tables([model for model in MODELS if model is not AuditEvent], safe=True)
+    drop_schema(db, keep=(AuditEvent,))
     create_schema(db)
 
 
@@ -92,6 +121,47 @@ def close_database() -> None:
     db = database.obj
     if db is not None and not db.is_closed():
         db.close()
+
+
+def in_write_transaction(work: Callable[[], T]) -> T:
+    """Run `work` in a write transaction; on PostgreSQL retry it when aborted by a concurrent one.
+
+    Several nodes writing the same patient or study rows may deadlock or
+    conflict; the server then aborts one transaction, which is safe to run again
+    from the start (as PostgreSQL's manual advises for 40001/40P01).
+    """
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            with write_transaction():
+                return work()
+        except (OperationalError, InterfaceError) as exc:
+            if attempt == WRITE_ATTEMPTS or sqlstate(exc) not in _RETRYABLE:
+                discard_broken_connection()
+                raise
+            log.info("index transaction aborted by a concurrent one (%s); retry %d",
+                     sqlstate(exc), attempt)
+            time.sleep(random.uniform(0, 0.01 * attempt))
+    raise AssertionError("unreachable")
+
+
+def stream(query: SelectBase) -> Iterator[tuple]:
+    """The rows of `query` as tuples, fetched as they are consumed.
+
+    SQLite steps its cursor lazily. psycopg2 would fetch the whole result into
+    memory, so on PostgreSQL the rows come from a server-side cursor inside a
+    read transaction (500 rows per round trip).
+    """
+    backend = database.obj
+    if not isinstance(backend, PostgresqlDatabase):
+        yield from query.tuples().iterator()
+        return
+    query = query.tuples()
+    with backend.atomic():
+        cursor = backend.execute(query, named_cursor=True, array_size=STREAM_BATCH)
+        try:
+            yield from query._get_cursor_wrapper(cursor).iterator()
+        finally:  # also when abandoned (C-CANCEL): close it before the transaction ends
+            cursor.close()
 
 
 _writer_locks: dict[str, tuple[int, threading.Lock]] = {}

@@ -109,7 +109,8 @@ class Pattern(Matcher):
         if prefix and isinstance(database.obj, SqliteDatabase):
             # SQLite cannot use a plain index for LIKE (it ignores ASCII case); a
             # binary range on the literal prefix can. Not on PostgreSQL, where a
-            # locale collation does not keep every extension of a prefix inside it.
+            # locale collation does not keep every extension of a prefix inside
+            # it; there the varchar_pattern_ops indexes (index/schema.py) serve LIKE.
             expression = (column >= prefix) & expression
             if ord(prefix[-1]) < 0x10FFFF:
                 expression = (column < prefix[:-1] + chr(ord(prefix[-1]) + 1)) & expression

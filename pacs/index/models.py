@@ -117,8 +117,9 @@ class AuditEvent(BaseModel):
 
 
 class SchemaVersion(BaseModel):
+    """One row: the version of the schema (index/schema.py migrates older ones)."""
+
     version = IntegerField()
 
 
 MODELS = (Patient, Study, Series, Instance, AuditEvent, SchemaVersion)
-SCHEMA_VERSION = 1

@@ -21,6 +21,7 @@ from pydicom import Dataset
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
 from pacs.index.answer import Answer
+from pacs.index.db import stream
 from pacs.index.keys import RequestKey, UndecodableKey, decode_keys, identifier_encodings
 from pacs.index.matching import DateTimeRange, InvalidKey, Matcher, build
 from pacs.index.models import Instance, Patient, Series, Study
@@ -238,7 +239,7 @@ class Find:
 
     def responses(self) -> Iterator[Answer]:
         """One answer per matching entity, read from a cursor as they come."""
-        for row in self.select().tuples().iterator():
+        for row in stream(self.select()):
             if self._checks and not all(_test(matcher, row[index], multi)
                                         for index, matcher, multi in self._checks):
                 continue

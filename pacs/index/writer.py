@@ -4,6 +4,13 @@ One transaction per batch is what makes ingest fast: the disk does one
 commit (one fsync of the WAL) for every instance that arrived meanwhile on any
 association. Counter deltas and ModalitiesInStudy/SOPClassesInStudy are gathered
 in memory during the batch and written once at its end.
+
+Several nodes may write one PostgreSQL index at once, so there every row is
+created with INSERT ... ON CONFLICT DO NOTHING and looked up when it was not
+ours: two nodes receiving the same patient, study or SOP Instance UID end with
+one row, and the loser updates it as a replacement would. A transaction the
+server aborts for a deadlock runs again (db.in_write_transaction). SQLite has
+one writer at a time (db.write_transaction) and keeps the plain statements.
 """
 from __future__ import annotations
 
@@ -11,9 +18,9 @@ import logging
 from collections import Counter
 from typing import Iterable
 
-from peewee import Model
+from peewee import Model, PostgresqlDatabase
 
-from pacs.index.db import write_transaction
+from pacs.index.db import in_write_transaction
 from pacs.index.models import Instance, Patient, Series, Study, database
 from pacs.index.records import InstanceRecord
 
@@ -39,6 +46,9 @@ class _Statements:
         marks = ", ".join([param] * len(self.columns))
         table = Instance._meta.table_name
         self.insert = f'INSERT INTO "{table}" ({names}) VALUES ({marks})'
+        self.shared = isinstance(self.backend, PostgresqlDatabase)  # other nodes may write too
+        if self.shared:
+            self.insert += ' ON CONFLICT ("sop_uid") DO NOTHING RETURNING "id"'
         self.find = f'SELECT "id", "series_id" FROM "{table}" WHERE "sop_uid" = {param}'
         self.param = param
 
@@ -107,11 +117,8 @@ class _Batch:
         key = (values["patient_id"], values["issuer"])
         row = self.patients.get(key)
         if row is None:
-            row = Patient.get_or_none(
-                (Patient.patient_id == key[0]) & (Patient.issuer == key[1])
-            )
-            if row is None:
-                row = Patient.create(**values)
+            row, _ = _find_or_create(
+                Patient, (Patient.patient_id == key[0]) & (Patient.issuer == key[1]), values)
             self.patients[key] = row
         self.check_conflict(row, values)
         return row
@@ -128,19 +135,11 @@ class _Batch:
                     new,
                 )
 
-    @staticmethod
-    def _find_or_create(model: type[Model], unique: str, values: dict,
-                        **parent: Model) -> tuple[Model, bool]:
-        """The row whose `unique` column equals the values', created if missing."""
-        row = model.get_or_none(getattr(model, unique) == values[unique])
-        if row is not None:
-            return row, False
-        return model.create(**parent, **values), True
-
     def study(self, values: dict, patient: Patient) -> Study:
         row = self.studies.get(values["study_uid"])
         if row is None:
-            row, created = self._find_or_create(Study, "study_uid", values, patient=patient)
+            row, created = _find_or_create(Study, Study.study_uid == values["study_uid"],
+                                           {**values, "patient": patient})
             if created:
                 self.bump(Patient, patient.id, "num_studies")
             elif row.patient_id != patient.id:
@@ -156,7 +155,8 @@ class _Batch:
     def series_row(self, values: dict, study: Study) -> Series:
         row = self.series.get(values["series_uid"])
         if row is None:
-            row, created = self._find_or_create(Series, "series_uid", values, study=study)
+            row, created = _find_or_create(Series, Series.series_uid == values["series_uid"],
+                                           {**values, "study": study})
             if created:
                 self.bump(Study, study.id, "num_series")
                 self.bump(Patient, study.patient_id, "num_series")
@@ -187,7 +187,8 @@ class _Batch:
     def flush(self) -> None:
         sql = _sql()
         for model, counter in self.deltas.items():
-            for (row_id, field), delta in counter.items():
+            # In id order, so concurrent writers lock shared rows in the same order.
+            for (row_id, field), delta in sorted(counter.items()):
                 if delta:
                     database.execute_sql(sql.increment(model, field), (delta, row_id))
         for study, added in self.multi.values():
@@ -219,14 +220,17 @@ class IndexWriter:
 
     def write(self, records: Iterable[InstanceRecord]) -> None:
         """Insert or replace these instances (and their parents) in one transaction."""
+        records = list(records)
         if self._rows.size() > self.MAX_CACHED:
             self._rows = _Rows()
+        in_write_transaction(lambda: self._write(records))
+
+    def _write(self, records: list[InstanceRecord]) -> None:
         try:
-            with write_transaction():
-                batch = _Batch(self._rows)
-                for record in records:
-                    _write_one(batch, record)
-                batch.flush()
+            batch = _Batch(self._rows)
+            for record in records:
+                _write_one(batch, record)
+            batch.flush()
         except BaseException:
             self._rows = _Rows()
             raise
@@ -235,6 +239,20 @@ class IndexWriter:
 def write_batch(records: Iterable[InstanceRecord]) -> None:
     """Insert or replace these instances in one transaction, without a row cache."""
     IndexWriter().write(records)
+
+
+def _find_or_create(model: type[Model], where, values: dict) -> tuple[Model, bool]:
+    """The row `where` selects, created from `values` if missing; True if created here."""
+    row = model.get_or_none(where)
+    if row is not None:
+        return row, False
+    if not _sql().shared:
+        return model.create(**values), True
+    # Another node may be creating it now: the INSERT waits for its commit and
+    # then does nothing, and the second look finds its row.
+    if model.insert(**values).on_conflict_ignore().execute() is None:
+        return model.get(where), False
+    return model.get(where), True
 
 
 def _write_one(batch: _Batch, record: InstanceRecord) -> None:
@@ -246,9 +264,11 @@ def _write_one(batch: _Batch, record: InstanceRecord) -> None:
     sql = _sql()
     old = database.execute_sql(sql.find, (record.sop_uid,)).fetchone()
     if old is None:
-        database.execute_sql(sql.insert, sql.insert_values(series.id, record.instance))
-        batch.count_instance(series, 1)
-        return
+        inserted = database.execute_sql(sql.insert, sql.insert_values(series.id, record.instance))
+        if not sql.shared or inserted.fetchone() is not None:
+            batch.count_instance(series, 1)
+            return
+        old = database.execute_sql(sql.find, (record.sop_uid,)).fetchone()  # another node's
     old_id, old_series_id = old
     Instance.update(series=series.id, **record.instance).where(Instance.id == old_id).execute()
     if old_series_id != series.id:

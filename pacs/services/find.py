@@ -33,6 +33,7 @@ from pacs.access import REFUSAL, permitted
 from pacs.activity import Operation, final_code
 from pacs.archive import Archive
 from pacs.index.answer import Answer
+from pacs.index.postgres import discard_broken_connection
 from pacs.index.query import Find, QueryError, QueryOptions
 from pacs.index.levels import PATIENT_ROOT, STUDY_ROOT
 from pacs.pdata import DATA_SET, command_set, ui, us
@@ -97,6 +98,8 @@ def _answers(event: Event, archive: Archive, op: Operation) -> Iterator[Response
     except OSError as exc:  # the requester's connection failed: nobody to answer
         op.finish(None, str(exc))
     except PeeweeException as exc:
+        log.error("C-FIND from %s: index unavailable: %s", event.assoc.requestor.ae_title, exc)
+        discard_broken_connection()
         yield status(OUT_OF_RESOURCES, f"index unavailable: {exc}"), None
     except Exception as exc:  # a bug: answer rather than leave the requester waiting
         log.exception("C-FIND from %s failed", event.assoc.requestor.ae_title)
