@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 from pydicom.uid import UID
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.events import Event
 from pynetdicom.transport import AssociationSocket
 
@@ -62,12 +64,29 @@ class WakefulDUL(DULServiceProvider):
 
     def install(self) -> None:
         """Set up the wake-up pair; called before the thread starts."""
+        self._send_lock = threading.Lock()
         self._wakee, self._waker = socket.socketpair()
         self._waker.setblocking(False)
         self._wakee.setblocking(False)
         weakref.finalize(self, _close_pair, self._wakee, self._waker)
         self.to_provider_queue.__class__ = SignallingQueue
         self.to_provider_queue.signal = self.wake
+
+    def send_pdu(self, primitive: Any) -> None:
+        """Send P-DATA on the calling thread while the association is established.
+
+        pynetdicom queues every PDU for the DUL thread to send: a wake-up and a
+        GIL hand-off per DIMSE response, which with several storing
+        associations in one process cost more than the response itself.
+        """
+        if type(primitive) is P_DATA and self.state_machine.current_state == "Sta6":
+            self._send(P_DATA_TF(primitive))
+            return
+        super().send_pdu(primitive)
+
+    def _send(self, pdu: Any) -> None:
+        with self._send_lock:  # the DUL thread sends too (release, abort)
+            super()._send(pdu)
 
     def wake(self) -> None:
         if self._waiting or self._kill_thread:
