@@ -22,6 +22,7 @@ from pynetdicom.transport import AssociationSocket
 ACTIVE_POLL_S = 0.0001  # poll delay right after traffic
 IDLE_POLL_S = 0.001      # pynetdicom's default, once the peer has been quiet
 ACTIVE_WINDOW_S = 0.05   # how long after the last received PDU we stay fast
+FIRST_READ = 1 << 20     # buffer for one PDU before it has proven to be longer
 
 
 # pynetdicom deep-copies every supported presentation context for each new
@@ -53,28 +54,46 @@ class ResponsiveDUL(DULServiceProvider):
 
 
 class BulkSocket(AssociationSocket):
-    """Reads a PDU in as few recv calls as the kernel allows (pynetdicom: 4 KiB each)."""
+    """Reads a PDU in as few recv calls as the kernel allows (pynetdicom: 4 KiB each).
+
+    The buffer grows with the data that actually arrives, never to the length
+    a PDU header merely claims (a forged 4 GiB length would cost 4 GiB of RAM),
+    and a read that waits longer than the socket timeout returns what it has:
+    pynetdicom then sees a short PDU and closes the connection, so a peer that
+    stops mid-PDU does not hold its association slot forever.
+    """
 
     def recv(self, nr_bytes: int) -> bytearray:
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        buffer = bytearray(min(nr_bytes, FIRST_READ))
         received = 0
         while received < nr_bytes:
-            count = self.socket.recv_into(view[received:], nr_bytes - received)
-            if not count:  # connection closed: return what arrived, as pynetdicom does
-                del view
-                return buffer[:received]
+            if received == len(buffer):  # double it, never past the PDU's length
+                buffer.extend(bytes(min(len(buffer), nr_bytes - received)))
+            try:
+                with memoryview(buffer) as view:
+                    count = self.socket.recv_into(view[received:])
+            except TimeoutError:
+                count = 0
+            if not count:  # closed or stalled: return what arrived, as pynetdicom does
+                del buffer[received:]
+                return buffer
             received += count
         return buffer
 
 
 def tune_connection(event: Event) -> None:
-    """EVT_CONN_OPEN handler: Nagle off and the responsive poll, for both directions."""
+    """EVT_CONN_OPEN handler: Nagle off, reads bounded by the network timeout, the responsive poll.
+
+    pynetdicom checks its network timeout only between PDUs and reads a PDU
+    with blocking calls on a socket without a timeout, so without one here a
+    peer that stops mid-PDU would block its association thread for good.
+    """
     assoc = event.assoc
     sock = getattr(assoc.dul.socket, "socket", None)
     if sock is not None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(assoc.network_timeout)
         except OSError:
             pass
     if type(assoc.dul) is DULServiceProvider:
