@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-import subprocess
 import threading
 from pathlib import Path
 
