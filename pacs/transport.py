@@ -23,6 +23,7 @@ ACTIVE_POLL_S = 0.0001  # poll delay right after traffic
 IDLE_POLL_S = 0.001      # pynetdicom's default, once the peer has been quiet
 ACTIVE_WINDOW_S = 0.05   # how long after the last received PDU we stay fast
 FIRST_READ = 1 << 20     # buffer for one PDU before it has proven to be longer
+WAIT_STEP_S = 0.05       # how often a waiting association looks whether its connection ended
 
 
 # pynetdicom deep-copies every supported presentation context for each new
@@ -52,6 +53,25 @@ class ResponsiveDUL(DULServiceProvider):
     def _run_loop_delay(self, value: float) -> None:
         """pynetdicom's constructor sets a fixed delay; ours is computed."""
 
+    def receive_pdu(self, wait: bool = False, timeout: float | None = None):  # type: ignore[override]
+        """pynetdicom's, but a wait ends as soon as the connection has ended.
+
+        An acceptor waits up to acse_timeout for the A-ASSOCIATE-RQ even when
+        the peer closed the connection without sending one, holding a
+        max_associations slot all that time: junk connections could keep the
+        node full.
+        """
+        if not wait:
+            return super().receive_pdu(wait=False)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = WAIT_STEP_S if deadline is None else deadline - time.monotonic()
+            primitive = super().receive_pdu(wait=True, timeout=max(0.0, min(WAIT_STEP_S, left)))
+            if primitive is not None or left <= WAIT_STEP_S:
+                return primitive
+            if getattr(self.socket, "ended", False):  # one last look: queued before the end?
+                return super().receive_pdu(wait=False)
+
 
 class BulkSocket(AssociationSocket):
     """Reads a PDU in as few recv calls as the kernel allows (pynetdicom: 4 KiB each).
@@ -62,6 +82,8 @@ class BulkSocket(AssociationSocket):
     pynetdicom then sees a short PDU and closes the connection, so a peer that
     stops mid-PDU does not hold its association slot forever.
     """
+
+    ended = False  # the peer closed the connection, or stalled mid-PDU
 
     def recv(self, nr_bytes: int) -> bytearray:
         buffer = bytearray(min(nr_bytes, FIRST_READ))
@@ -75,6 +97,7 @@ class BulkSocket(AssociationSocket):
             except TimeoutError:
                 count = 0
             if not count:  # closed or stalled: return what arrived, as pynetdicom does
+                self.ended = True
                 del buffer[received:]
                 return buffer
             received += count
