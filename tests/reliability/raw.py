@@ -9,10 +9,13 @@ import functools
 import socket
 import struct
 import threading
+from io import BytesIO
 
+from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_ECHO_RQ
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -103,3 +106,43 @@ def answers_until_close(sock: socket.socket) -> list[int]:
         except (EOFError, ConnectionResetError):
             return kinds
         kinds.append(kind)
+
+
+def pdata(context_id: int, flags: int, fragment: bytes) -> bytes:
+    """One P-DATA-TF PDU with one PDV (flags: bit 0 command, bit 1 last fragment)."""
+    return struct.pack(">BBIIBB", P_DATA, 0, len(fragment) + 6, len(fragment) + 2,
+                       context_id, flags) + fragment
+
+
+def command_set(elements: Dataset) -> bytes:
+    """A command set in Implicit VR Little Endian with its group length first (PS3.7 6.3.1)."""
+    body = encode(elements, True, True)
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+
+
+def store_request(sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
+    """A C-STORE-RQ command set carrying whatever UIDs it is given, valid or not."""
+    command = Dataset()
+    command.AffectedSOPClassUID = sop_class
+    command.CommandField = 0x0001
+    command.MessageID = message_id
+    command.Priority = 0
+    command.CommandDataSetType = 0x0000
+    command.AffectedSOPInstanceUID = sop_instance
+    return command_set(command)
+
+
+def read_response(sock: socket.socket) -> Dataset | int:
+    """The next DIMSE command set the node sends, or the type of a non-P-DATA PDU it sends."""
+    fragments = []
+    while True:
+        kind, body = read_pdu(sock)
+        if kind != P_DATA:
+            return kind
+        offset = 0
+        while offset < len(body):
+            length, _, flags = struct.unpack(">IBB", body[offset:offset + 6])
+            fragments.append(body[offset + 6:offset + 4 + length])
+            offset += 4 + length
+            if flags & 0x03 == 0x03:
+                return decode(BytesIO(b"".join(fragments)), True, True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from pathlib import Path
 
 from pydicom import Dataset
@@ -139,3 +140,11 @@ def proc_status(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def wait_for(condition, timeout: float) -> None:
+    """Poll until `condition()` holds; fail after `timeout` seconds (a hang, not a speed limit)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.1)
