@@ -146,3 +146,16 @@ def read_response(sock: socket.socket) -> Dataset | int:
             offset += 4 + length
             if flags & 0x03 == 0x03:
                 return decode(BytesIO(b"".join(fragments)), True, True)
+
+
+def send_store(port: int, sop_class: str, affected: str, data: bytes) -> Dataset | int | str:
+    """One C-STORE on a fresh raw association: the response command set, or a PDU type."""
+    with establish(port, timeout=60) as sock:
+        fragments = [data[i:i + 16000] for i in range(0, len(data), 16000)] or [b""]
+        sock.sendall(pdata(3, 0x03, store_request(sop_class, affected)) + b"".join(
+            pdata(3, 0x02 if i == len(fragments) - 1 else 0x00, f)
+            for i, f in enumerate(fragments)))
+        try:
+            return read_response(sock)
+        except (EOFError, ConnectionResetError):
+            return "closed"

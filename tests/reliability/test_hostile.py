@@ -19,8 +19,7 @@ from tests.conftest import stored_path
 from tests.dicomgen import CT, make_instance, uid
 from tests.reliability.conftest import scale
 from tests.reliability.raw import (
-    ABORT, RELEASE_RQ, answers_until_close, associate_rq, connect, echo_pdata, establish, pdata,
-    read_response, store_request,
+    ABORT, RELEASE_RQ, answers_until_close, associate_rq, connect, echo_pdata, send_store,
 )
 from tests.reliability.support import echo_ok, proc_status, verify_problems, wait_for
 
@@ -161,19 +160,6 @@ def dataset_case(rng: random.Random, n: int) -> tuple[str, str, str, bytes]:
         for _ in range(rng.randint(1, 16)):
             data[rng.randrange(len(data))] = rng.randrange(256)
     return f"{what} at byte {offset}", CT, sop, bytes(data)
-
-
-def send_store(port: int, sop_class: str, affected: str, data: bytes) -> object:
-    """One C-STORE on a fresh raw association: the response command set, or a PDU type."""
-    with establish(port, timeout=60) as sock:
-        fragments = [data[i:i + 16000] for i in range(0, len(data), 16000)] or [b""]
-        sock.sendall(pdata(3, 0x03, store_request(sop_class, affected)) + b"".join(
-            pdata(3, 0x02 if i == len(fragments) - 1 else 0x00, f)
-            for i, f in enumerate(fragments)))
-        try:
-            return read_response(sock)
-        except (EOFError, ConnectionResetError):
-            return "closed"
 
 
 def test_mutated_datasets_are_refused_or_stored_safely(serve_process, rng):
