@@ -16,6 +16,7 @@ from pacs.config import load
 from pacs.index.models import Instance
 from tests.conftest import ServeProcess, dataset_bytes, open_index, run_pacs
 from tests.dicomgen import make_instance, uid
+from tests.reliability.raw import send_store
 
 SETSID = Path("/usr/bin/setsid")
 FIND_CHUNK = 200  # SOP Instance UIDs per C-FIND identifier
@@ -81,6 +82,13 @@ class StoreLoop(threading.Thread):
                     self.refused.append(status.Status)
             if assoc.is_established:
                 assoc.release()
+
+
+def store_one(proc, ds: Dataset) -> Dataset:
+    """C-STORE one instance on its own raw association (no pynetdicom requestor); the response."""
+    answer = send_store(proc.port, str(ds.SOPClassUID), str(ds.SOPInstanceUID), expected_bytes(ds))
+    assert isinstance(answer, Dataset), f"no C-STORE response: {answer}"
+    return answer
 
 
 def find_uids(port: int, uids: list[str]) -> set[str]:

@@ -18,18 +18,11 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as S
 
 from tests.conftest import staging_files, stored_path
 from tests.dicomgen import make_instance, make_study
-from tests.reliability.raw import send_store
-from tests.reliability.support import echo_ok, expected_bytes, verify_problems
+from tests.reliability.support import echo_ok, store_one, verify_problems
 from tests.retrieve_support import RecordingSCP, counts, failed_uids, identifier, retrieve, store
 
 MiB = 1 << 20
 SETPRIV = Path("/usr/bin/setpriv")
-
-
-def store_one(proc, ds: Dataset) -> Dataset:
-    answer = send_store(proc.port, str(ds.SOPClassUID), str(ds.SOPInstanceUID), expected_bytes(ds))
-    assert isinstance(answer, Dataset), f"no C-STORE response: {answer}"
-    return answer
 
 
 def assert_refused(proc, ds: Dataset, words: str) -> None:

@@ -1,4 +1,4 @@
-"""Hostile input: random and mutated PDUs from a raw socket, mutated data sets in C-STORE.
+"""Hostile input: random and mutated PDUs, mutated data sets in C-STORE, SQL in C-FIND keys.
 
 Every case is drawn from the test's seeded `rng`; a failure names the case
 number, and `PACS_SEED` replays the same cases.
@@ -14,6 +14,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from pydicom import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyRootFind
 
 from tests.conftest import stored_path
 from tests.dicomgen import CT, make_instance, uid
@@ -21,7 +24,7 @@ from tests.reliability.conftest import scale
 from tests.reliability.raw import (
     ABORT, RELEASE_RQ, answers_until_close, associate_rq, connect, echo_pdata, send_store,
 )
-from tests.reliability.support import echo_ok, proc_status, verify_problems, wait_for
+from tests.reliability.support import echo_ok, proc_status, store_one, verify_problems, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on invalid UIDs
 UNKNOWN_TYPES = (0x00, 0x08, 0x09, 0x10, 0x41, 0x7F, 0x80, 0xFF)
@@ -192,3 +195,63 @@ def test_mutated_datasets_are_refused_or_stored_safely(serve_process, rng):
     assert outside - before <= {folder / "data" / name for name in (
         "index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "index.sqlite-writer")}
     assert verify_problems(proc.config_path) == []
+
+
+SQL_STUDY = {"PatientName": "O'BRIEN^ANN", "PatientID": "ID'1;", "AccessionNumber": "100%",
+             "StudyDescription": "A_B; DROP TABLE study; --", "StudyID": "S_1'",
+             "ReferringPhysicianName": "D'OC^%", "InstitutionName": "X'Y%Z_"}
+DECOY = {"PatientName": "OXBRIEN^ANN", "PatientID": "ID11", "AccessionNumber": "1000",
+         "StudyDescription": "AXB", "StudyID": "SX1", "ReferringPhysicianName": "DXOC^X",
+         "InstitutionName": "XXYXZX"}
+SQL_QUERIES = [  # (key, value, which studies match: "sql", "decoy")
+    ("PatientName", "O'BRIEN^ANN", {"sql"}), ("PatientName", "O_BRIEN^ANN", set()),
+    ("PatientName", "O%", set()), ("PatientName", "O'BRIEN*", {"sql"}),
+    ("PatientID", "ID'1;", {"sql"}), ("PatientID", "ID_1;", set()), ("PatientID", "ID%", set()),
+    ("AccessionNumber", "100%", {"sql"}), ("AccessionNumber", "100_", set()),
+    ("AccessionNumber", "100%\\1000", {"sql", "decoy"}),
+    ("StudyDescription", "A_B; DROP TABLE study; --", {"sql"}), ("StudyDescription", "A%B", set()),
+    ("StudyDescription", "A_B*", {"sql"}), ("StudyID", "S_1'", {"sql"}), ("StudyID", "S%", set()),
+    ("ReferringPhysicianName", "D'OC^%", {"sql"}), ("ReferringPhysicianName", "D_OC^_", set()),
+    ("InstitutionName", "X'Y%Z_", {"sql"}), ("InstitutionName", "X_Y_Z%", set()),
+    ("ModalitiesInStudy", "C%", set()), ("ModalitiesInStudy", "CT'; --", set()),
+    ("StudyDate", "2024'0102", set()), ("StudyTime", "10%", set()),
+    ("StudyInstanceUID", "1.2'; DROP TABLE study; --", set()),
+]
+
+
+def test_find_keys_with_sql_metacharacters_are_literals(serve_process):
+    """', ;, %, _ and \\ in keys of every kind match only themselves (\\ separates values)."""
+    proc = serve_process()
+    studies = {"sql": make_instance(patient_id=SQL_STUDY["PatientID"], **{
+                   k: v for k, v in SQL_STUDY.items() if k != "PatientID"}),
+               "decoy": make_instance(patient_id=DECOY["PatientID"], **{
+                   k: v for k, v in DECOY.items() if k != "PatientID"})}
+    for ds in studies.values():
+        assert store_one(proc, ds).Status == 0
+    by_uid = {str(ds.StudyInstanceUID): name for name, ds in studies.items()}
+    for key, value, expected in SQL_QUERIES:
+        statuses, found = study_find(proc.port, key, value)
+        assert statuses[-1] in (0x0000, 0xA900), f"{key}={value!r}: 0x{statuses[-1]:04X}"
+        assert {by_uid[uid] for uid in found} == expected, f"{key}={value!r}"
+    statuses, found = study_find(proc.port, "PatientID", "")
+    assert statuses[-1] == 0 and {by_uid[uid] for uid in found} == {"sql", "decoy"}
+
+
+def study_find(port: int, key: str, value: str) -> tuple[list[int], set[str]]:
+    """(every status, the StudyInstanceUIDs found) of one STUDY-level Study Root C-FIND."""
+    ae = AE(ae_title="SQLFIND")
+    ae.add_requested_context(StudyRootFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ""
+    setattr(query, key, value)
+    statuses, found = [], set()
+    for status, identifier in assoc.send_c_find(query, StudyRootFind):
+        statuses.append(status.get("Status"))
+        if status.get("Status") == 0xFF00:
+            found.add(str(identifier.StudyInstanceUID))
+    assoc.release()
+    assert statuses, "no C-FIND response"
+    return statuses, found
