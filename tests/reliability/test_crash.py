@@ -10,6 +10,7 @@ adopts it, as the README says.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -81,7 +82,9 @@ def test_kill9_loop_loses_no_acknowledged_instance(tmp_path, rng, workers, cycle
             assert not stray.exists(), "stray staging file survived the restart"
             assert staging_files(proc.config) == []
             check_promise(proc, acked)
-            senders = [StoreLoop(proc.port, f"C{cycle}S{i}", rng) for i in range(SENDERS)]
+            # each sender its own generator: threads drawing from one would race
+            senders = [StoreLoop(proc.port, f"C{cycle}S{i}", random.Random(rng.random()))
+                       for i in range(SENDERS)]
             for sender in senders:
                 sender.start()
             time.sleep(rng.uniform(0.3, 2.5))
