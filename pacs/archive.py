@@ -132,8 +132,15 @@ class Archive:
                 raise OutOfResources(f"cannot write the file: {exc.strerror or exc}") from None
             record = build_record(header.dataset, uids, header.transfer_syntax, relpath, size,
                                   header.blob)
-            with _index_errors():
-                self._committer.commit((record, relpath))
+            try:
+                with _index_errors():
+                    self._committer.commit((record, relpath))
+            except OutOfResources:
+                # Refused means not stored: a new file without its row goes again. A
+                # replaced file stays, under the row it already has.
+                if not existed:
+                    self.store.remove(relpath)
+                raise
         return Ingested(sop_uid, Outcome.REPLACED if existed else Outcome.STORED, size, study_uid,
                         patient_id)
 

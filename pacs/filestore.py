@@ -91,6 +91,10 @@ class FileStore:
         for folder in {os.path.dirname(r) for r in relpaths}:
             _fsync_path(self.root / folder)
 
+    def remove(self, relpath: str) -> None:
+        """Delete a final file (one whose index row could not be committed)."""
+        _unlink_quietly(self.root / relpath)
+
     def discard(self, staged: Path) -> None:
         """Drop a staged file that will not be kept."""
         _unlink_quietly(staged)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import (
@@ -55,6 +55,9 @@ def read_header(path: Path) -> Header:
     try:
         with open(path, "rb") as fp:
             ds = read_partial(fp, stop_when=_at_bulk)
+            # pydicom decodes values lazily: make a broken one fail here, as a parse
+            # error, rather than later when the UIDs or index columns are read.
+            ds.walk(lambda *_: None)
             end = fp.tell()
             ts = str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
             if ts == DeflatedExplicitVRLittleEndian:
@@ -63,7 +66,13 @@ def read_header(path: Path) -> Header:
                 _check_complete(fp, end, os.fstat(fp.fileno()).st_size, ts)
                 fp.seek(0)
                 blob = fp.read(end)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, OverflowError, struct.error) as exc:
+    except (InvalidDicomError, BytesLengthException, EOFError, ValueError, KeyError, OverflowError,
+            struct.error, NotImplementedError) as exc:  # NotImplementedError: an unknown VR
+        raise InvalidInstance(f"cannot parse the dataset: {exc}") from None
+    except OSError as exc:
+        if exc.errno is not None:  # the disk failed, not the data
+            raise
+        # pydicom's "No tag to read at file position ...": a sequence item cut short.
         raise InvalidInstance(f"cannot parse the dataset: {exc}") from None
     return Header(ds, blob, ts)
 

@@ -33,6 +33,8 @@ from pynetdicom.transport import AssociationSocket
 
 WAKE_CHECK_S = 0.05  # timers are looked at least this often (ARTIM, idle: seconds)
 FALLBACK_SLEEP_S = 0.001  # pynetdicom's poll, where there is no socket to wait on
+FIRST_READ = 1 << 20  # buffer for one PDU before it has proven to be longer
+WAIT_STEP_S = 0.05  # how often a waiting association looks whether its connection ended
 
 
 # pynetdicom deep-copies every supported presentation context for each new
@@ -132,6 +134,25 @@ class WakefulDUL(DULServiceProvider):
         finally:
             self._waiting = False
 
+    def receive_pdu(self, wait: bool = False, timeout: float | None = None):  # type: ignore[override]
+        """pynetdicom's, but a wait ends as soon as the connection has ended.
+
+        An acceptor waits up to acse_timeout for the A-ASSOCIATE-RQ even when
+        the peer closed the connection without sending one, holding a
+        max_associations slot all that time: junk connections could keep the
+        node full.
+        """
+        if not wait:
+            return super().receive_pdu(wait=False)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = WAIT_STEP_S if deadline is None else deadline - time.monotonic()
+            primitive = super().receive_pdu(wait=True, timeout=max(0.0, min(WAIT_STEP_S, left)))
+            if primitive is not None or left <= WAIT_STEP_S:
+                return primitive
+            if getattr(self.socket, "ended", False):  # one last look: queued before the end?
+                return super().receive_pdu(wait=False)
+
     def kill_dul(self) -> None:
         super().kill_dul()
         self.nudge()
@@ -175,23 +196,39 @@ class WorkCheckpoint(threading.Event):
 
 
 class BulkSocket(AssociationSocket):
-    """Reads a PDU in as few recv calls as the kernel allows (pynetdicom: 4 KiB each)."""
+    """Reads a PDU in as few recv calls as the kernel allows (pynetdicom: 4 KiB each).
+
+    The buffer grows with the data that actually arrives, never to the length
+    a PDU header merely claims (a forged 4 GiB length would cost 4 GiB of RAM),
+    and a read that waits longer than the socket timeout returns what it has:
+    pynetdicom then sees a short PDU and closes the connection, so a peer that
+    stops mid-PDU does not hold its association slot forever.
+    """
+
+    ended = False  # the peer closed the connection, or stalled mid-PDU
 
     def recv(self, nr_bytes: int) -> bytearray:
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        buffer = bytearray(min(nr_bytes, FIRST_READ))
         received = 0
         while received < nr_bytes:
-            count = self.socket.recv_into(view[received:], nr_bytes - received)
-            if not count:  # connection closed: return what arrived, as pynetdicom does
-                del view
-                return buffer[:received]
+            if received == len(buffer):  # double it, never past the PDU's length
+                buffer.extend(bytes(min(len(buffer), nr_bytes - received)))
+            try:
+                with memoryview(buffer) as view:
+                    count = self.socket.recv_into(view[received:])
+            except TimeoutError:
+                count = 0
+            if not count:  # closed or stalled: return what arrived, as pynetdicom does
+                self.ended = True
+                del buffer[received:]
+                return buffer
             received += count
         return buffer
 
 
 def tune_connection(event: Event) -> None:
-    """EVT_CONN_OPEN handler: Nagle off for both directions; no polling as acceptor.
+    """EVT_CONN_OPEN handler: Nagle off and reads bounded by the network timeout for
+    both directions; no polling as acceptor.
 
     An acceptor's threads have not started yet when this runs, so their loops
     can be changed safely; our requestors (C-MOVE, commitment) have their own
@@ -204,6 +241,7 @@ def tune_connection(event: Event) -> None:
     if sock is not None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(assoc.network_timeout)  # pynetdicom's reads have none mid-PDU
         except OSError:
             pass
     if type(assoc.dul.socket) is AssociationSocket:

@@ -42,7 +42,14 @@ PG_URL = os.environ.get("PACS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:543
 BACKENDS = ("sqlite", "postgresql")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true",
+                     help="reliability suite: the long soak (more kill cycles and hostile cases)")
+
+
 def pytest_configure(config):
+    if config.getoption("--long"):
+        os.environ["PACS_LONG"] = "1"  # read by tests/reliability when it is collected
     config.addinivalue_line("markers", "both_backends: run the module on SQLite and PostgreSQL")
 
 
