@@ -23,7 +23,7 @@ from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pacs.index.answer import Answer
 from pacs.index.keys import RequestKey, UndecodableKey, decode_keys, identifier_encodings
 from pacs.index.matching import DateTimeRange, InvalidKey, Matcher, build
-from pacs.index.models import Instance, Patient, Series, Study
+from pacs.index.models import Instance, Patient, Series, Study, database
 from pacs.index.levels import IdentifierError as QueryError
 from pacs.index.levels import LEVELS, QUERY_RETRIEVE_LEVEL, TOP_LEVEL, query_level
 from pacs.index.levels import UNIQUE_KEYS as _UNIQUE
@@ -152,7 +152,8 @@ class Find:
 
     def _plan(self, keys: dict[int, RequestKey]) -> None:
         matchers = {}
-        for tag, key in keys.items():
+        for key in keys.values():
+            tag = int(key.tag)  # a plain int: pydicom's BaseTag compares in Python, slowly
             column = COLUMNS.get(tag)
             if column is None:
                 self._from_header.append((key, self._header_matcher(key)))
@@ -237,8 +238,12 @@ class Find:
     # -- answering ----------------------------------------------------------
 
     def responses(self) -> Iterator[Answer]:
-        """One answer per matching entity, read from a cursor as they come."""
-        for row in self.select().tuples().iterator():
+        """One answer per matching entity, read from a cursor as they come.
+
+        The driver's rows as they are: the columns are text, integers and bytes
+        already, and peewee's per-value conversion would cost more than the query.
+        """
+        for row in database.execute(self.select()):
             if self._checks and not all(_test(matcher, row[index], multi)
                                         for index, matcher, multi in self._checks):
                 continue

@@ -36,7 +36,7 @@ from pacs.index.answer import Answer
 from pacs.index.query import Find, QueryError, QueryOptions
 from pacs.index.levels import PATIENT_ROOT, STUDY_ROOT
 from pacs.pdata import DATA_SET, command_set, ui, us
-from pacs.services.retrieve import requester_writer
+from pacs.services.retrieve import RequesterWriter
 from pacs.statuses import (
     CANCEL, IDENTIFIER_MISMATCH, NOT_PERMITTED, OUT_OF_RESOURCES, PENDING, SUCCESS,
     UNABLE_TO_PROCESS, status,
@@ -57,7 +57,7 @@ class PendingWriter:
 
     def __init__(self, event: Event):
         request = event.request
-        self._writer = requester_writer(event.assoc)
+        self._writer = RequesterWriter(event.assoc)
         self._context_id = event.context.context_id
         syntax = UID(event.context.transfer_syntax)
         self._syntax = (syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
