@@ -46,13 +46,20 @@ class PDataWriter:
         self._fragment = max(peer_max_pdu - 6, 1) if peer_max_pdu else _UNLIMITED_FRAGMENT
         # PDUs per block: ~1 MB, and no more file slots than one preadv takes
         self._frames = max(1, min(_BLOCK // (self._fragment + _HEADER.size), _IOV_MAX))
-        self._buffer = bytearray(self._frames * (self._fragment + _HEADER.size))
+        self._buffer = bytearray()  # allocated when first needed: a C-FIND may never need it
 
     def send(self, context_id: int, command: bytes, data: bytes | FileRegion | None = None) -> None:
         """Send a command set and, if given, its data set.
 
         Raises OSError when the connection fails, EOFError when a file is short.
         """
+        if isinstance(data, bytes) and len(command) <= self._fragment >= len(data):
+            # a small message (a C-FIND match): both PDUs in one write, one wake-up for the peer
+            self._sock.sendall(b"".join((
+                _HEADER.pack(P_DATA, 0, len(command) + 6, len(command) + 2, context_id,
+                             COMMAND | LAST), command,
+                _HEADER.pack(P_DATA, 0, len(data) + 6, len(data) + 2, context_id, LAST), data)))
+            return
         self._send(context_id, COMMAND, command)
         if data is not None:
             self._send(context_id, 0, data)
@@ -63,6 +70,8 @@ class PDataWriter:
         offset = data.offset if in_file else 0
         fragment = self._fragment
         full = _HEADER.pack(P_DATA, 0, fragment + 6, fragment + 2, context_id, flags)
+        if not self._buffer:
+            self._buffer = bytearray(self._frames * (fragment + _HEADER.size))
         view = memoryview(self._buffer)
         done = 0
         while True:

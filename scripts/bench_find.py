@@ -6,8 +6,17 @@ straight into the tables (no files: C-FIND reads only the index), starts
 `pacs serve` on it and measures, with a pynetdicom client that sets TCP_NODELAY
 (as ../shared/bench does), the median round trip of: STUDY level by PatientName
 `SMI*`, SERIES level in one study, IMAGE level in one series, STUDY level over
-one month of StudyDate; then streams the big series at IMAGE level and reports
-the server's peak RSS before and after.
+one month of StudyDate; then streams the big series at IMAGE level twice and
+reports the server's peak RSS before and after each. pynetdicom's requestor
+polls (its DUL and DIMSE threads sleep 1 ms between looks) and decodes every
+response into a Dataset, which costs more than the server's work for small
+answers (and now and then its idle reactor takes a response off the queue
+before send_c_find sees it: "Received unexpected C-FIND service message", one
+match short), so each query is also timed with a blocking client built on
+pacs.scu / pacs.pdata (one thread, waits in recv, counts the pending statuses
+without decoding the identifiers), which also does the streaming: its time is
+close to the server's own. The server's CPU time per query (all its threads,
+from /proc) is the figure least disturbed by a loaded machine.
 
 Every instance shares one stored header (a template), so keys read from the
 header would all answer the same values; the timed queries use columns only.
@@ -17,6 +26,7 @@ header would all answer the same values; the timed queries use columns only.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import socket
 import statistics
@@ -29,11 +39,15 @@ from pathlib import Path
 import yaml
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as STUDY_ROOT
 
 from pacs.header import encode_header
+from pacs.pdata import DATA_SET, P_DATA, command_fragments, command_set, parse_command, read_pdu
+from pacs.pdata import ui, us
+from pacs.scu import Proposal, StoreAssociation, associate
 from pacs.index.db import close_database, open_database
 from pacs.index.models import Instance, Patient, Series, Study, database
 
@@ -120,23 +134,67 @@ def connect(port: int):
     return assoc
 
 
-def timed(assoc, keys: list[str], repeats: int, **filters) -> tuple[float, int]:
-    """Median ms of one C-FIND (after a warm-up) and its number of matches."""
+def query(keys: list[str], filters: dict[str, str]) -> Dataset:
     ds = Dataset()
-    ds.QueryRetrieveLevel = filters.pop("level")
+    ds.QueryRetrieveLevel = filters["level"]
     for keyword in keys:
         setattr(ds, keyword, "")
     for keyword, value in filters.items():
-        setattr(ds, keyword, value)
+        if keyword != "level":
+            setattr(ds, keyword, value)
+    return ds
+
+
+def pynetdicom_find(assoc, ds: Dataset) -> int:
+    count = 0
+    for status, _ in assoc.send_c_find(ds, STUDY_ROOT):
+        assert status is not None and status.Status in (0, 0xFF00), status
+        count += status.Status == 0xFF00
+    return count
+
+
+def blocking_find(assoc: StoreAssociation, ds: Dataset) -> int:
+    """One C-FIND on a blocking association: the pending responses counted, not decoded."""
+    context = assoc.accepted[(STUDY_ROOT, ImplicitVRLittleEndian)]
+    command = command_set({0x0002: ui(STUDY_ROOT), 0x0100: us(0x0020), 0x0110: us(1),
+                           0x0700: us(0), 0x0800: us(DATA_SET)})
+    assoc._writer.send(context, command, encode(ds, True, True))
+    count, fragments = 0, []
+    while True:
+        kind, body = read_pdu(assoc._sock)
+        assert kind == P_DATA, kind
+        for fragment, last in command_fragments(body):
+            fragments.append(fragment)
+            if last:
+                status = parse_command(b"".join(fragments)).us(0x0900)
+                fragments = []
+                if status != 0xFF00:
+                    assert status == 0, hex(status)
+                    return count
+                count += 1
+
+
+def cpu_ms(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def timed(find, assoc, keys: list[str], repeats: int, server: int = 0,
+          **filters) -> tuple[float, float, int, float]:
+    """Median and spread (max - min) in ms of one C-FIND after a warm-up, its matches,
+    and the mean CPU ms the `server` process spent per query."""
+    ds = query(keys, filters)
     times, count = [], 0
     for run in range(repeats + 1):
-        start, count = time.perf_counter(), 0
-        for status, _ in assoc.send_c_find(ds, STUDY_ROOT):
-            assert status is not None and status.Status in (0, 0xFF00), status
-            count += status.Status == 0xFF00
+        if run == 1:
+            cpu = cpu_ms(server) if server else 0.0
+        start = time.perf_counter()
+        count = find(assoc, ds)
         if run:
             times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times), count
+    used = (cpu_ms(server) - cpu) / repeats if server else 0.0
+    return statistics.median(times), max(times) - min(times), count, used
 
 
 def main() -> None:
@@ -173,25 +231,37 @@ def main() -> None:
                 time.sleep(0.2)
         p = 7  # one of the SMITH-like patients: its first study and series
         study, series = f"{ROOT}.{p}.0", f"{ROOT}.{p}.0.0"
-        rows = [
-            ("STUDY PatientName=SMI*", timed(assoc, STUDY_KEYS, args.repeats, level="STUDY",
-                                             PatientName="SMI*")),
-            ("SERIES in one study", timed(assoc, ["SeriesInstanceUID", "Modality",
-                                                  "SeriesNumber"], args.repeats,
-                                          level="SERIES", StudyInstanceUID=study)),
-            ("IMAGE in one series", timed(assoc, ["SOPInstanceUID", "SOPClassUID",
-                                                  "InstanceNumber"], args.repeats, level="IMAGE",
-                                          StudyInstanceUID=study, SeriesInstanceUID=series)),
-            ("STUDY StudyDate one month", timed(assoc, STUDY_KEYS, args.repeats, level="STUDY",
-                                                StudyDate="20150301-20150331")),
+        cases = [
+            ("STUDY PatientName=SMI*", STUDY_KEYS, dict(level="STUDY", PatientName="SMI*")),
+            ("SERIES in one study", ["SeriesInstanceUID", "Modality", "SeriesNumber"],
+             dict(level="SERIES", StudyInstanceUID=study)),
+            ("IMAGE in one series", ["SOPInstanceUID", "SOPClassUID", "InstanceNumber"],
+             dict(level="IMAGE", StudyInstanceUID=study, SeriesInstanceUID=series)),
+            ("STUDY StudyDate one month", STUDY_KEYS,
+             dict(level="STUDY", StudyDate="20150301-20150331")),
         ]
-        for label, (ms, count) in rows:
-            print(f"{label:28s} {ms:8.2f} ms  [{count} matches]")
+        blocking = associate("127.0.0.1", port, "BENCHRAW", "MINIPACS",
+                             [Proposal(STUDY_ROOT, (ImplicitVRLittleEndian,))],
+                             acse_timeout=30, dimse_timeout=600)
+        print(f"{'median ms (spread)':28s} {'pynetdicom':>16s} {'blocking':>16s} "
+              f"{'server CPU ms':>14s}")
+        for label, keys, filters in cases:
+            ms, spread, count, _ = timed(pynetdicom_find, assoc, keys, args.repeats, **filters)
+            ms2, spread2, count2, cpu = timed(blocking_find, blocking, keys, args.repeats,
+                                              server.pid, **filters)
+            if count != count2:
+                print(f"  (pynetdicom's client saw {count} matches, the blocking one {count2})")
+            print(f"{label:28s} {ms:8.2f} ({spread:5.1f}) {ms2:8.2f} ({spread2:5.1f}) "
+                  f"{cpu:14.2f}  [{count} matches]")
         before = rss_kb(server.pid, "VmRSS")
-        ms, count = timed(assoc, ["SOPInstanceUID"], 1, level="IMAGE",
-                          SeriesInstanceUID=f"{ROOT}.{args.patients}.0.0")
-        print(f"IMAGE {count} matches streamed in {ms / 1000:.1f} s; server RSS "
-              f"{before // 1024} MB before, peak {rss_kb(server.pid, 'VmHWM') // 1024} MB")
+        big = query(["SOPInstanceUID"], dict(level="IMAGE",
+                                             SeriesInstanceUID=f"{ROOT}.{args.patients}.0.0"))
+        for _ in range(2):  # the first also fills SQLite's page cache (32 MB), the second not
+            start = time.perf_counter()
+            count = blocking_find(blocking, big)
+            print(f"IMAGE {count} matches streamed in {time.perf_counter() - start:.1f} s; server "
+                  f"RSS {before // 1024} MB before, peak {rss_kb(server.pid, 'VmHWM') // 1024} MB")
+        blocking.release()
         assoc.release()
     finally:
         server.terminate()

@@ -7,9 +7,11 @@ import threading
 import pytest
 from pydicom import dcmread
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless, generate_uid
+from pynetdicom import AE
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelMove as PatientRootMove,
     StudyRootQueryRetrieveInformationModelMove as StudyRootMove,
+    Verification,
     _STORAGE_CLASSES,
 )
 
@@ -299,3 +301,26 @@ def test_more_than_128_contexts_take_several_associations(make_node, destination
     assert len(dest.proposals) == 2 and all(len(p) <= 128 for p in dest.proposals)
     assert {cls for proposals in dest.proposals for cls, _ in proposals} == set(classes)
     assert set(dest.received) == {str(ds.SOPInstanceUID) for ds in datasets}
+
+
+def test_move_outlasting_the_network_timeout_keeps_the_association(make_node, destinations):
+    """The requester says nothing while it waits: the responses we send count as traffic."""
+    dest = destinations.recording(delay=0.3)
+    node = make_node(network={"network_timeout": 1},
+                     remote_aes={dest.ae_title: {"host": "127.0.0.1", "port": dest.port}})
+    study = make_study(series=1, per_series=6)
+    store(node, study)
+    ae = AE("RETRIEVER")
+    ae.add_requested_context(StudyRootMove)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    try:
+        ident = identifier("STUDY", StudyInstanceUID=study[0].StudyInstanceUID)
+        final = [status for status, _ in assoc.send_c_move(ident, dest.ae_title, StudyRootMove)
+                 if status.Status not in (0xFF00, 0xFF01)]
+        assert [s.Status for s in final] == [0x0000] and counts(final[0]) == (6, 0, 0)
+        assert assoc.send_c_echo().Status == 0x0000
+        assert assoc.is_established
+    finally:
+        assoc.release()

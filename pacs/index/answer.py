@@ -49,7 +49,7 @@ class Answer:
             fp = DicomBytesIO()
             fp.is_little_endian, fp.is_implicit_VR = True, implicit_vr
             write_data_element(fp, elem, ["utf_8"] if self.wide else None)
-            parts.append((elem.tag, fp.getvalue()))
+            parts.append((int(elem.tag), fp.getvalue()))
         parts.sort(key=lambda part: part[0])
         return b"".join(raw for _, raw in parts)
 

@@ -144,16 +144,18 @@ def in_write_transaction(work: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def stream(query: SelectBase) -> Iterator[tuple]:
+def stream(query: SelectBase, raw: bool = False) -> Iterator[tuple]:
     """The rows of `query` as tuples, fetched as they are consumed.
 
-    SQLite steps its cursor lazily. psycopg2 would fetch the whole result into
-    memory, so on PostgreSQL the rows come from a server-side cursor inside a
-    read transaction (500 rows per round trip).
+    SQLite steps its cursor lazily; with `raw` its rows skip peewee's per-value
+    conversion (C-FIND's columns are text, integers and bytes already).
+    psycopg2 would fetch the whole result into memory, so on PostgreSQL the
+    rows come from a server-side cursor inside a read transaction (500 rows
+    per round trip).
     """
     backend = database.obj
     if not isinstance(backend, PostgresqlDatabase):
-        yield from query.tuples().iterator()
+        yield from (backend.execute(query) if raw else query.tuples().iterator())
         return
     query = query.tuples()
     with backend.atomic():

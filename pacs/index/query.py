@@ -153,7 +153,8 @@ class Find:
 
     def _plan(self, keys: dict[int, RequestKey]) -> None:
         matchers = {}
-        for tag, key in keys.items():
+        for key in keys.values():
+            tag = int(key.tag)  # a plain int: pydicom's BaseTag compares in Python, slowly
             column = COLUMNS.get(tag)
             if column is None:
                 self._from_header.append((key, self._header_matcher(key)))
@@ -238,8 +239,12 @@ class Find:
     # -- answering ----------------------------------------------------------
 
     def responses(self) -> Iterator[Answer]:
-        """One answer per matching entity, read from a cursor as they come."""
-        for row in stream(self.select()):
+        """One answer per matching entity, read from a cursor as they come.
+
+        The driver's rows as they are: the columns are text, integers and bytes
+        already, and peewee's per-value conversion would cost more than the query.
+        """
+        for row in stream(self.select(), raw=True):
             if self._checks and not all(_test(matcher, row[index], multi)
                                         for index, matcher, multi in self._checks):
                 continue

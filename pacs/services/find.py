@@ -6,21 +6,23 @@ once a C-CANCEL arrived; 0xA700 with an ErrorComment when `query.max_results`
 cut the matches short (after that many pending responses) or the index is
 unavailable; 0xC001 for anything unexpected, so a request always gets its answer.
 
-Pending responses are written straight to the requester's socket, as the
-retrieve services do: pynetdicom would queue each one for its DUL thread (with
-a pydicom-built command set and identifier, ~0.5 ms each) and let the query run
-ahead of a slow reader, holding every unsent match in memory. Written here, a
-response costs one `sendall` of a fixed command set and the identifier encoded
-by `Answer.encode`, and the cursor advances only as fast as the requester
-reads. The final status goes through pynetdicom, after the generator's last yield.
+Every response is written straight to the requester's socket, as the retrieve
+services do (`services.dispatch` routes C-FIND here): pynetdicom would queue
+each one for its DUL thread (with a pydicom-built command set and identifier,
+~0.5 ms each) and let the query run ahead of a slow reader, holding every
+unsent match in memory. Written here, a response costs one `sendall` of a
+command set built by hand and the identifier encoded by `Answer.encode`, and
+the cursor advances only as fast as the requester reads.
 """
 from __future__ import annotations
 
 import logging
+import struct
 from typing import Iterator
 
 from peewee import PeeweeException
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pynetdicom.dsutils import encode
 from pynetdicom.events import Event
@@ -36,8 +38,8 @@ from pacs.index.answer import Answer
 from pacs.index.postgres import discard_broken_connection
 from pacs.index.query import Find, QueryError, QueryOptions
 from pacs.index.levels import PATIENT_ROOT, STUDY_ROOT
-from pacs.pdata import DATA_SET, command_set, ui, us
-from pacs.services.retrieve import requester_writer
+from pacs.pdata import DATA_SET, NO_DATA_SET, command_set, text, ui, us
+from pacs.services.retrieve import RequesterWriter
 from pacs.statuses import (
     CANCEL, IDENTIFIER_MISMATCH, NOT_PERMITTED, OUT_OF_RESOURCES, PENDING, SUCCESS,
     UNABLE_TO_PROCESS, status,
@@ -53,20 +55,20 @@ C_FIND_RSP = 0x8020
 Response = tuple[Dataset | int, Dataset | None]
 
 
-class PendingWriter:
-    """Writes the pending C-FIND-RSP messages of one request on the requester's socket."""
+class ResponseWriter:
+    """Writes the C-FIND-RSP messages of one request on the requester's socket."""
 
     def __init__(self, event: Event):
         request = event.request
-        self._writer = requester_writer(event.assoc)
+        self._writer = RequesterWriter(event.assoc)
         self._context_id = event.context.context_id
         syntax = UID(event.context.transfer_syntax)
         self._syntax = (syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
         self._by_hand = syntax.is_little_endian and not syntax.is_deflated
-        self._command = command_set({
-            0x0002: ui(request.AffectedSOPClassUID), 0x0100: us(C_FIND_RSP),
-            0x0120: us(request.MessageID), 0x0800: us(DATA_SET), 0x0900: us(PENDING),
-        })
+        self._header = {0x0002: ui(request.AffectedSOPClassUID), 0x0100: us(C_FIND_RSP),
+                        0x0120: us(request.MessageID)}
+        self._command = command_set({**self._header, 0x0800: us(DATA_SET),
+                                     0x0900: us(PENDING)})
 
     def send(self, answer: Answer) -> None:
         """Raises OSError when the connection fails, ValueError when the answer won't encode."""
@@ -78,23 +80,45 @@ class PendingWriter:
             raise ValueError("a response identifier cannot be encoded")
         self._writer.send(self._context_id, self._command, encoded)
 
+    def final(self, response: Dataset | int) -> None:
+        """The final response: a status code, or a status Dataset with its comment and
+        Offending Element (PS3.7 9.3.2.2). Raises OSError when the connection fails."""
+        elements = {**self._header, 0x0800: us(NO_DATA_SET)}
+        if isinstance(response, int):
+            elements[0x0900] = us(response)
+        else:
+            elements[0x0900] = us(response.Status)
+            if response.get("ErrorComment"):
+                elements[0x0902] = text(response.ErrorComment)
+            offending = response.get("OffendingElement")
+            if offending is not None:
+                tags = offending if isinstance(offending, (list, MultiValue)) else [offending]
+                elements[0x0901] = b"".join(struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+                                            for tag in tags)
+        self._writer.send(self._context_id, command_set(elements))
 
-def handle_find(event: Event, archive: Archive) -> Iterator[Response]:
-    """EVT_C_FIND: send a pending response per match, then yield the final status."""
+
+def handle_find(event: Event, archive: Archive) -> None:
+    """EVT_C_FIND (routed by `services.dispatch`): send every response, the final one last."""
     op = Operation(event, "C-FIND", ROOTS[event.request.AffectedSOPClassUID])
-    for response in _answers(event, archive, op):
-        code = final_code(response[0])
+    writer = ResponseWriter(event)
+    for response, _ in _answers(event, archive, op, writer):
+        code = final_code(response)
         if code is not None:
-            op.finish(code, str(getattr(response[0], "ErrorComment", "") or ""))
-        yield response
+            op.finish(code, str(getattr(response, "ErrorComment", "") or ""))
+        try:
+            writer.final(response)
+        except OSError as exc:
+            log.debug("C-FIND from %s: cannot answer (%s)", event.assoc.requestor.ae_title, exc)
 
 
-def _answers(event: Event, archive: Archive, op: Operation) -> Iterator[Response]:
+def _answers(event: Event, archive: Archive, op: Operation,
+             writer: ResponseWriter) -> Iterator[Response]:
     if not permitted(event, "find"):
         yield status(NOT_PERMITTED, REFUSAL), None
         return
     try:
-        yield from _find(event, archive, op)
+        yield from _find(event, archive, op, writer)
     except OSError as exc:  # the requester's connection failed: nobody to answer
         op.finish(None, str(exc))
     except PeeweeException as exc:
@@ -106,8 +130,9 @@ def _answers(event: Event, archive: Archive, op: Operation) -> Iterator[Response
         yield status(UNABLE_TO_PROCESS, f"internal error: {exc}"), None
 
 
-def _find(event: Event, archive: Archive, op: Operation) -> Iterator[Response]:
-    """The responses; pending ones mostly go out by `PendingWriter`, counted in `op.count`."""
+def _find(event: Event, archive: Archive, op: Operation,
+          writer: ResponseWriter) -> Iterator[Response]:
+    """The final response; the pending ones go out by `writer`, counted in `op.count`."""
     config = archive.config
     try:
         identifier = event.identifier
@@ -120,7 +145,6 @@ def _find(event: Event, archive: Archive, op: Operation) -> Iterator[Response]:
     except QueryError as exc:
         yield _refusal(exc), None
         return
-    writer = PendingWriter(event)
     limit = config.query.max_results
     for answer in find.responses():
         if event.is_cancelled:

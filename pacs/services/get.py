@@ -19,7 +19,7 @@ from pynetdicom.events import Event
 from pacs.archive import Archive
 from pacs.pdata import FileRegion, PDataWriter, store_command
 from pacs.scu import ConnectionLost, Response
-from pacs.services.retrieve import Responder, requester_writer, serve_retrieve
+from pacs.services.retrieve import RequesterWriter, Responder, serve_retrieve
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.2
@@ -65,7 +65,7 @@ class RequesterChannel:
 
 def handle_get(event: Event, archive: Archive) -> None:
     """EVT_C_GET, called by `services.dispatch`: answers the request itself."""
-    writer = requester_writer(event.assoc)
+    writer = RequesterWriter(event.assoc)
     responder = Responder(event, writer)
     if not responder.permitted():
         return

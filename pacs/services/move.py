@@ -21,7 +21,7 @@ from pacs.index.selection import Match
 from pacs.live import LiveConfig
 from pacs.scu import AssociationFailed, associate
 from pacs.sender import Sender, plan
-from pacs.services.retrieve import Responder, requester_writer, serve_retrieve
+from pacs.services.retrieve import RequesterWriter, Responder, serve_retrieve
 from pacs.statuses import MOVE_DESTINATION_UNKNOWN
 from pacs.tls import client_context
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def handle_move(event: Event, archive: Archive, live: LiveConfig) -> None:
     """EVT_C_MOVE, called by `services.dispatch`: answers the request itself."""
-    responder = Responder(event, requester_writer(event.assoc))
+    responder = Responder(event, RequesterWriter(event.assoc))
     if not responder.permitted():
         return
     config = live.current  # destinations as of now: remote_aes is reloaded on SIGHUP

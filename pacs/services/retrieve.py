@@ -34,7 +34,7 @@ from pacs.activity import Operation
 from pacs.archive import Archive, OutOfResources
 from pacs.index.levels import PATIENT_ROOT, STUDY_ROOT
 from pacs.index.selection import Match, SelectionError
-from pacs.pdata import DATA_SET, NO_DATA_SET, PDataWriter, command_set, text, ui, us
+from pacs.pdata import DATA_SET, NO_DATA_SET, FileRegion, PDataWriter, command_set, text, ui, us
 from pacs.sender import Sender, Tally
 from pacs.statuses import (
     CANCEL, IDENTIFIER_MISMATCH, MATCHES_OUT_OF_RESOURCES, NOT_PERMITTED, PENDING,
@@ -57,12 +57,23 @@ RETRIEVE_CLASSES = tuple(ROOTS)
 Deliver = Callable[[Sender, list[Match]], None]
 
 
-def requester_writer(assoc: Association) -> PDataWriter:
+class RequesterWriter(PDataWriter):
     """A writer on the requester's socket; pynetdicom's DUL thread still reads it.
 
     A TLS socket allows that too: `pacs.tls.SerializedSSLSocket` takes turns.
+    Each message sent restarts the association's network timeout, which
+    pynetdicom restarts only on what it receives: a C-FIND streaming matches or
+    a C-MOVE reporting progress for longer than `network.network_timeout`
+    would otherwise be aborted the moment it ended.
     """
-    return PDataWriter(assoc.dul.socket.socket, assoc.dimse.maximum_pdu_size)
+
+    def __init__(self, assoc: Association):
+        super().__init__(assoc.dul.socket.socket, assoc.dimse.maximum_pdu_size)
+        self._idle = assoc.dul._idle_timer
+
+    def send(self, context_id: int, command: bytes, data: bytes | FileRegion | None = None) -> None:
+        super().send(context_id, command, data)
+        self._idle.restart()
 
 
 class Responder:
