@@ -9,6 +9,7 @@ import functools
 import socket
 import struct
 import threading
+import time
 from io import BytesIO
 
 from pydicom import Dataset
@@ -84,13 +85,24 @@ def connect(port: int, timeout: float) -> socket.socket:
     return sock
 
 
-def establish(port: int, timeout: float) -> socket.socket:
-    """A raw connection with an accepted association (contexts 1: Verification, 3: CT)."""
-    sock = connect(port, timeout)
-    sock.sendall(associate_rq())
-    kind, _ = read_pdu(sock)
-    assert kind == ASSOCIATE_AC, f"association not accepted (PDU type {kind:#04x})"
-    return sock
+def establish(port: int, timeout: float, slot_wait: float = 10) -> socket.socket:
+    """A raw connection with an accepted association (contexts 1: Verification, 3: CT).
+
+    A rejection is tried again for up to `slot_wait` seconds: an association
+    released a moment ago (the readiness C-ECHO) holds its slot until the
+    node's thread for it has ended.
+    """
+    deadline = time.monotonic() + slot_wait
+    while True:
+        sock = connect(port, timeout)
+        sock.sendall(associate_rq())
+        kind, _ = read_pdu(sock)
+        if kind == ASSOCIATE_AC:
+            return sock
+        sock.close()
+        assert kind == ASSOCIATE_RJ and time.monotonic() < deadline, \
+            f"association not accepted (PDU type {kind:#04x})"
+        time.sleep(0.1)
 
 
 def answers_until_close(sock: socket.socket) -> list[int]:
