@@ -28,6 +28,7 @@ from typing import Callable
 
 from pynetdicom import AE, evt
 from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 
 from pacs.config import Config
@@ -104,8 +105,13 @@ def guard(ae: AE, rules: Rules) -> None:
 
 def permitted(event: Event, operation: str) -> bool:
     """May the requester of `event` ask for `operation`? Logs a refusal."""
-    rules = _GUARDED.get(event.assoc.ae)
-    calling = event.assoc.requestor.ae_title
+    return allowed(event.assoc, operation)
+
+
+def allowed(assoc: Association, operation: str) -> bool:
+    """May the requester of `assoc` ask for `operation`? Logs a refusal."""
+    rules = _GUARDED.get(assoc.ae)
+    calling = assoc.requestor.ae_title
     if rules is None or rules().permits(calling, operation):
         return True
     log.warning("%s from %s refused: not permitted", operation, calling)

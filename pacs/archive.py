@@ -23,12 +23,12 @@ from pydicom import Dataset
 from pacs.committer import GroupCommitter
 from pacs.config import Config
 from pacs.filestore import FileStore, StoreWriteError
-from pacs.header import InvalidInstance, check_identity, read_header
+from pacs.header import InvalidInstance, Values, check_identity, read_header
 from pacs.index.audit import write_events
 from pacs.index.db import close_database, open_database
 from pacs.index.postgres import discard_broken_connection
 from pacs.index.models import Instance
-from pacs.index.records import InstanceRecord, build_record, text
+from pacs.index.records import InstanceRecord, build_record
 from pacs.index.selection import Match, find_instances, select_matches
 from pacs.index.writer import IndexWriter
 
@@ -115,7 +115,7 @@ class Archive:
         header = read_header(path)
         uids = check_identity(header.dataset, affected_sop_uid)
         sop_uid, study_uid = uids[0], uids[2]
-        patient_id = text(header.dataset, "PatientID", 64)
+        patient_id = Values(header.dataset).text("PatientID", 64)
         relpath = self.store.relpath(sop_uid)
         with self._lock_for(sop_uid):
             # The name is the UID's, so a stat finds duplicates; only then ask the index,

@@ -7,6 +7,7 @@ later C-FIND can return any key without opening the file.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import struct
@@ -14,6 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import Dataset
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.multival import MultiValue
+from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR, TEXT_VR_DELIMS
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.filewriter import dcmwrite
@@ -30,6 +36,11 @@ _PIXEL_GROUP = 0x7FE00000
 _UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _SEQ_DELIMITER = 0xFFFEE0DD
+_BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW"})
+_VALUE_SIZES = {"US": 2, "SS": 2, "US or SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "SV": 8,
+                "UV": 8}
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM",
+                       "UC", "UI", "UR", "UT"})
 
 
 class InvalidInstance(ValueError):
@@ -55,9 +66,7 @@ def read_header(path: Path) -> Header:
     try:
         with open(path, "rb") as fp:
             ds = read_partial(fp, stop_when=_at_bulk)
-            # pydicom decodes values lazily: make a broken one fail here, as a parse
-            # error, rather than later when the UIDs or index columns are read.
-            ds.walk(lambda *_: None)
+            _decode_fallible(ds)
             end = fp.tell()
             ts = str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
             if ts == DeflatedExplicitVRLittleEndian:
@@ -75,6 +84,112 @@ def read_header(path: Path) -> Header:
         # pydicom's "No tag to read at file position ...": a sequence item cut short.
         raise InvalidInstance(f"cannot parse the dataset: {exc}") from None
     return Header(ds, blob, ts)
+
+
+def _decode_fallible(ds: Dataset) -> None:
+    """Decode every value whose decoding can fail, so a broken one is a parse error here.
+
+    pydicom decodes values lazily, so a broken one would otherwise raise later,
+    when the UIDs, the index columns or a C-FIND answer are read. Of its
+    conversions only binary numbers (a length that is no multiple of the value's
+    size), unknown VRs and sequence items can raise; text is kept or replaced
+    as it is, never refused; bytes stay bytes. So text and bytes stay raw here,
+    numbers only have their length checked, and just sequences (and anything
+    unusual) are decoded: a fraction of decoding everything (`Dataset.walk`).
+    """
+    for raw in ds.elements():
+        vr = raw.VR or _dictionary_vr(raw.tag)
+        if vr in _TEXT_VRS or vr in _BYTES_VRS:
+            continue
+        size = _VALUE_SIZES.get(vr)
+        if size is not None and isinstance(raw, RawDataElement):
+            length = len(raw.value or b"")
+            if length % size:  # what pydicom's conversion would raise, without converting
+                raise BytesLengthException(
+                    f"{raw.tag} {vr}: {length} bytes are not a whole number of {size}-byte values")
+            continue
+        element = ds[raw.tag]
+        if element.VR == "SQ":
+            for item in element.value:
+                _decode_fallible(item)
+
+
+def _dictionary_vr(tag: int) -> str | None:
+    """An Implicit VR element's VR, where the dictionary knows it."""
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
+
+
+# Where the character set resets (PS3.5 6.1.2.5.3): control characters and the
+# value delimiter, and in a person name also its group and component delimiters.
+_TEXT_DELIMITERS = TEXT_VR_DELIMS | {0x5C}
+_PN_DELIMITERS = _TEXT_DELIMITERS | {0x3D, 0x5E}
+
+
+class Values:
+    """The values the index keeps, read as text from one parsed header's raw bytes.
+
+    pydicom would build a DataElement per value (~20 us each, most of ingest's
+    CPU); the index needs only the decoded string: one `decode_bytes` of the raw
+    bytes in the header's character set, each value stripped of its padding,
+    multiple values joined by backslash.
+    """
+
+    def __init__(self, ds: Dataset):
+        self._ds = ds
+        self._encodings: list[str] | None = None
+
+    def text(self, keyword: str, limit: int = 324) -> str:
+        """An attribute as decoded text, multiple values joined by backslash ("" if absent)."""
+        tag, vr = _tag(keyword)
+        element = self._ds.get_item(tag)
+        if element is None:
+            return ""
+        if not isinstance(element, RawDataElement):  # decoded already
+            value = element.value
+            if isinstance(value, (list, MultiValue)):
+                return "\\".join(str(v) for v in value).strip()[:limit]
+            return ("" if value is None else str(value)).strip()[:limit]
+        raw = element.value or b""
+        if vr == "PN":  # empty trailing component groups dropped, as pydicom does
+            values = [value.strip(" \0").rstrip("=") for value in
+                      decode_bytes(raw, self.encodings, _PN_DELIMITERS).split("\\")]
+        elif vr in CUSTOMIZABLE_CHARSET_VR:
+            values = [value.strip(" \0") for value in
+                      decode_bytes(raw, self.encodings, _TEXT_DELIMITERS).split("\\")]
+        else:  # the default repertoire; stray bytes kept as Latin-1, as pydicom does
+            values = [value.strip(" \0") for value in raw.decode("latin-1").split("\\")]
+        return "\\".join(values).strip()[:limit]
+
+    def integer(self, keyword: str) -> int | None:
+        """An IS or US attribute's first value as an int (None if absent or not a number)."""
+        tag, vr = _tag(keyword)
+        element = self._ds.get_item(tag)
+        if vr == "US" and isinstance(element, RawDataElement):
+            raw = element.value or b""
+            order = "little" if element.is_little_endian else "big"
+            return int.from_bytes(raw[:2], order) if len(raw) >= 2 else None
+        try:
+            return int(self.text(keyword).split("\\")[0])
+        except ValueError:
+            return None
+
+    @property
+    def encodings(self) -> list[str]:
+        """Python codecs for the header's Specific Character Set (0008,0005)."""
+        if self._encodings is None:
+            self._encodings = convert_encodings(self.text("SpecificCharacterSet").split("\\"))
+        return self._encodings
+
+
+@functools.cache
+def _tag(keyword: str) -> tuple[int, str]:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(keyword)
+    return tag, dictionary_VR(tag)
 
 
 def _check_complete(fp, end: int, size: int, ts: str) -> None:
@@ -136,10 +251,11 @@ def check_identity(ds: Dataset, affected_sop_instance: str | None) -> tuple[str,
     The SOP Instance UID must also equal the request's Affected SOP Instance UID,
     else the file would be indexed under a UID the sender never announced.
     """
-    sop_instance = check_uid("SOPInstanceUID (0008,0018)", ds.get("SOPInstanceUID"))
-    sop_class = check_uid("SOPClassUID (0008,0016)", ds.get("SOPClassUID"))
-    study = check_uid("StudyInstanceUID (0020,000D)", ds.get("StudyInstanceUID"))
-    series = check_uid("SeriesInstanceUID (0020,000E)", ds.get("SeriesInstanceUID"))
+    values = Values(ds)
+    sop_instance = check_uid("SOPInstanceUID (0008,0018)", values.text("SOPInstanceUID"))
+    sop_class = check_uid("SOPClassUID (0008,0016)", values.text("SOPClassUID"))
+    study = check_uid("StudyInstanceUID (0020,000D)", values.text("StudyInstanceUID"))
+    series = check_uid("SeriesInstanceUID (0020,000E)", values.text("SeriesInstanceUID"))
     if affected_sop_instance is not None and sop_instance != affected_sop_instance.rstrip("\x00 "):
         raise InvalidInstance(
             f"SOPInstanceUID does not match the Affected SOP Instance UID: "

@@ -4,6 +4,7 @@ Knows nothing of SQL or the file layout: every service goes through the archive.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -34,7 +35,7 @@ from pacs.services.get import handle_get
 from pacs.services.move import handle_move
 from pacs.services.retrieve import RETRIEVE_CLASSES
 from pacs.services.store import (
-    discard_partial, handle_store, open_receive_file, receive_into,
+    discard_partial, handle_store, open_receive_file, receive_into, receive_store,
 )
 from pacs.tls import server_context
 from pacs.transport import tune_connection
@@ -106,7 +107,8 @@ class Node:
 
     def handlers(self) -> list[tuple]:
         return [
-            (evt.EVT_CONN_OPEN, tune_connection),
+            (evt.EVT_CONN_OPEN, tune_connection,
+             [releasing(functools.partial(receive_store, self.archive))]),
             (evt.EVT_CONN_OPEN, activity.on_open),
             (evt.EVT_RELEASED, activity.on_end),
             (evt.EVT_ABORTED, activity.on_end),

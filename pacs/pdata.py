@@ -53,12 +53,15 @@ class PDataWriter:
 
         Raises OSError when the connection fails, EOFError when a file is short.
         """
-        if isinstance(data, bytes) and len(command) <= self._fragment >= len(data):
-            # a small message (a C-FIND match): both PDUs in one write, one wake-up for the peer
-            self._sock.sendall(b"".join((
-                _HEADER.pack(P_DATA, 0, len(command) + 6, len(command) + 2, context_id,
-                             COMMAND | LAST), command,
-                _HEADER.pack(P_DATA, 0, len(data) + 6, len(data) + 2, context_id, LAST), data)))
+        if len(command) <= self._fragment and (data is None or isinstance(data, bytes)
+                                               and len(data) <= self._fragment):
+            # a small message (a response, a C-FIND match): one write, one wake-up for the peer
+            parts = [_HEADER.pack(P_DATA, 0, len(command) + 6, len(command) + 2, context_id,
+                                  COMMAND | LAST), command]
+            if data is not None:
+                parts += [_HEADER.pack(P_DATA, 0, len(data) + 6, len(data) + 2, context_id, LAST),
+                          data]
+            self._sock.sendall(b"".join(parts))
             return
         self._send(context_id, COMMAND, command)
         if data is not None:

@@ -8,6 +8,7 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700          # Refused: Out of Resources
 DATASET_MISMATCH = 0xA900          # Error: Data Set does not match SOP Class
 CANNOT_UNDERSTAND = 0xC000         # Error: Cannot understand
+HANDLER_FAILED = 0xC211            # Error (Cxxx range): pynetdicom's answer when a handler raises
 # PS3.4 C.4.1.1.4 / C.4.2.1.5 / C.4.3.1.4 Query/Retrieve statuses
 PENDING = 0xFF00
 PENDING_WARNING = 0xFF01           # Pending: optional keys not supported

@@ -15,6 +15,7 @@ Relies on pynetdicom 3.0 internals (pinned in pyproject).
 """
 from __future__ import annotations
 
+import logging
 import queue
 import select
 import socket
@@ -30,7 +31,12 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.events import Event
 from pynetdicom.transport import AssociationSocket
+from pynetdicom.utils import make_target
 
+from pacs.pdata import P_DATA as P_DATA_TYPE
+from pacs.receiver import FramingError, StoreHandler, StoreReceiver
+
+LOGGER = logging.getLogger(__name__)
 WAKE_CHECK_S = 0.05  # timers are looked at least this often (ARTIM, idle: seconds)
 FALLBACK_SLEEP_S = 0.001  # pynetdicom's poll, where there is no socket to wait on
 FIRST_READ = 1 << 20  # buffer for one PDU before it has proven to be longer
@@ -63,6 +69,7 @@ class WakefulDUL(DULServiceProvider):
     _waker: socket.socket  # written by other threads
     _wakee: socket.socket  # read in select() by the DUL thread
     _waiting = False  # in select(): only then is a wake-up worth a syscall
+    receiver: StoreReceiver | None = None  # takes C-STORE requests off pynetdicom's path
 
     def install(self) -> None:
         """Set up the wake-up pair; called before the thread starts."""
@@ -73,6 +80,8 @@ class WakefulDUL(DULServiceProvider):
         weakref.finalize(self, _close_pair, self._wakee, self._waker)
         self.to_provider_queue.__class__ = SignallingQueue
         self.to_provider_queue.signal = self.wake
+        # The thread's target is the base class's reactor, bound when it was made.
+        self._target = make_target(self.run_reactor)  # type: ignore[attr-defined]
 
     def send_pdu(self, primitive: Any) -> None:
         """Send P-DATA on the calling thread while the association is established.
@@ -153,6 +162,32 @@ class WakefulDUL(DULServiceProvider):
             if getattr(self.socket, "ended", False):  # one last look: queued before the end?
                 return super().receive_pdu(wait=False)
 
+    def _read_pdu_data(self) -> None:
+        """Offer each P-DATA-TF PDU of the established association to our C-STORE receiver.
+
+        What it does not take, and every other PDU, goes to pynetdicom's reader as
+        if never looked at: the bytes read are put back in front of the socket.
+        """
+        receiver = self.receiver
+        if receiver is None or self.state_machine.current_state != "Sta6":
+            super()._read_pdu_data()
+            return
+        sock = self.socket
+        head = sock.recv(6)
+        body = bytearray()
+        if len(head) == 6 and head[0] == P_DATA_TYPE:
+            body = sock.recv(int.from_bytes(head[2:6], "big"))
+            if len(body) == int.from_bytes(head[2:6], "big"):
+                try:
+                    if receiver.feed(body):
+                        return
+                except FramingError as exc:
+                    LOGGER.error("aborting association: %s", exc)
+                    self.event_queue.put("Evt19")  # invalid PDU: A-ABORT (PS3.8 9.2, AA-8)
+                    return
+        sock.unread(head + body)
+        super()._read_pdu_data()
+
     def kill_dul(self) -> None:
         super().kill_dul()
         self.nudge()
@@ -166,7 +201,13 @@ class WakefulDUL(DULServiceProvider):
     def run_reactor(self) -> None:
         try:
             super().run_reactor()
+        except Exception as exc:  # noqa: BLE001 - a peer's PDU out of turn or malformed
+            # pynetdicom's state machine raised (e.g. InvalidEventError); its thread
+            # ends here as it would have, and the association closes the connection.
+            LOGGER.error("connection dropped after a protocol error: %s", exc)
         finally:
+            if self.receiver is not None:
+                self.receiver.abandon()  # a C-STORE cut off mid-transfer leaves no file
             self.assoc._reactor_checkpoint.work.set()  # the association notices the end at once
 
 
@@ -206,10 +247,23 @@ class BulkSocket(AssociationSocket):
     """
 
     ended = False  # the peer closed the connection, or stalled mid-PDU
+    _unread = b""  # bytes put back, returned before the socket's
+
+    def unread(self, data: bytes) -> None:
+        """Put `data` back: the next reads return it first."""
+        self._unread = bytes(data) + self._unread
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._unread) or super().ready
 
     def recv(self, nr_bytes: int) -> bytearray:
         buffer = bytearray(min(nr_bytes, FIRST_READ))
         received = 0
+        if self._unread:
+            taken, self._unread = self._unread[:nr_bytes], self._unread[nr_bytes:]
+            buffer[:len(taken)] = taken
+            received = len(taken)
         while received < nr_bytes:
             if received == len(buffer):  # double it, never past the PDU's length
                 buffer.extend(bytes(min(len(buffer), nr_bytes - received)))
@@ -226,7 +280,7 @@ class BulkSocket(AssociationSocket):
         return buffer
 
 
-def tune_connection(event: Event) -> None:
+def tune_connection(event: Event, store: StoreHandler | None = None) -> None:
     """EVT_CONN_OPEN handler: Nagle off and reads bounded by the network timeout for
     both directions; no polling as acceptor.
 
@@ -256,3 +310,5 @@ def tune_connection(event: Event) -> None:
             inbox.signal = work.set
         assoc.dul.__class__ = WakefulDUL
         assoc.dul.install()
+        if store is not None and isinstance(assoc.dul.socket, BulkSocket):
+            assoc.dul.receiver = StoreReceiver(assoc, store)

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pydicom import Dataset
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 
-from pacs.access import REFUSAL, permitted
+from pacs.access import REFUSAL, allowed
 from pacs import activity
 from pacs.archive import Archive, InvalidInstance, OutOfResources
 from pacs.statuses import (
@@ -114,27 +115,34 @@ def discard_partial(event: Event) -> None:
 
 
 def handle_store(event: Event, archive: Archive) -> Dataset:
-    """EVT_C_STORE: each failure is logged (WARNING/ERROR), each success at DEBUG only and
-    counted for the association's line and audit events (see `pacs.activity`)."""
-    answer = _store(event, archive)
+    """EVT_C_STORE, for the requests pynetdicom receives (`pacs.receiver` takes most)."""
+    return receive_store(archive, event.assoc, str(event.request.AffectedSOPInstanceUID or ""),
+                         event.request._dataset_file)
+
+
+def receive_store(archive: Archive, assoc: Association, affected: str,
+                  received: ReceiveFile) -> Dataset:
+    """File one received C-STORE data set; the status to answer.
+
+    Each failure is logged (WARNING/ERROR), each success at DEBUG only and
+    counted for the association's line and audit events (see `pacs.activity`).
+    """
+    answer = _store(archive, assoc, affected, received)
     if answer.Status != SUCCESS:
-        activity.store_failed(event.assoc)
+        activity.store_failed(assoc)
     return answer
 
 
-def _store(event: Event, archive: Archive) -> Dataset:
-    affected = str(event.request.AffectedSOPInstanceUID or "")
-    assoc = event.assoc
-    received = event.request._dataset_file
-    if not permitted(event, "store"):
-        return status(NOT_PERMITTED, REFUSAL)  # pynetdicom deletes the received file
-    if isinstance(received, ReceiveFile) and received.error is not None:
+def _store(archive: Archive, assoc: Association, affected: str, received: ReceiveFile) -> Dataset:
+    if not allowed(assoc, "store"):
+        return status(NOT_PERMITTED, REFUSAL)  # the caller deletes the received file
+    if received.error is not None:
         problem = f"cannot write the received data: {received.error.strerror or received.error}"
         log.error("#%d C-STORE from %s refused (0xA700): %s", activity.number(assoc),
                   assoc.requestor.ae_title, problem)
         return status(OUT_OF_RESOURCES, problem)
     try:
-        result = archive.ingest(event.dataset_path, affected_sop_uid=affected, owned=True)
+        result = archive.ingest(Path(received.name), affected_sop_uid=affected, owned=True)
     except InvalidInstance as exc:
         # Unparsable data: 0xC000 "Cannot understand"; wrong or missing UIDs:
         # 0xA900 "Data Set does not match SOP Class" (PS3.4 B.2.3), as dcm4chee does.
