@@ -6,7 +6,14 @@ and prints instances/s plus the server's peak RSS. The data comes from
 ../shared/bench/gen_data.py (same parameters as bench.py, so the files are
 byte-identical to what the side-by-side benchmark sends).
 
+The index is SQLite unless `--database-url` names a PostgreSQL database; each
+run then gets a new schema of its own (dropped afterwards), so runs start
+equally empty. `--nodes N` (PostgreSQL only) starts N `pacs serve` processes
+on one storage root and one schema, and spreads the STORE-many senders over
+them round-robin (STORE-bulk goes to the first); the totals cover all nodes.
+
     python scripts/bench_ingest.py --bulk 300 --many 5000 --fsync true
+    python scripts/bench_ingest.py --database-url postgresql://postgres@127.0.0.1/test --nodes 2
 """
 from __future__ import annotations
 
@@ -18,13 +25,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
 STORESCU = "/usr/bin/storescu"
+SQLITE_URL = "sqlite:///data/index.sqlite"  # beside the store, in the run's folder
 
 
 def free_port() -> int:
@@ -78,8 +89,55 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def store(groups: list[list[Path]], port: int) -> tuple[float, int]:
-    """Run one storescu per group at once; return seconds and failed responses."""
+@contextmanager
+def fresh_schema(url: str) -> Iterator[str]:
+    """For a PostgreSQL URL: the URL of a new empty schema, dropped at the end."""
+    import psycopg2
+
+    schema = f"bench_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(url)
+    admin.autocommit = True
+    try:
+        admin.cursor().execute(f'CREATE SCHEMA "{schema}"')
+        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        admin.cursor().execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        admin.close()
+
+
+@contextmanager
+def run_nodes(work: Path, count: int, database_url: str, fsync: str) -> Iterator[list[int]]:
+    """`count` `pacs serve` processes on one store and index; their ports once all answer."""
+    ports = [free_port() for _ in range(count)]
+    servers = []
+    try:
+        for number, port in enumerate(ports):
+            config = work / f"pacs{number}.yaml"
+            config.write_text(
+                f"ae_title: MINIPACS\nhost: 127.0.0.1\nport: {port}\n"
+                f"storage: {{root: {work / 'data' / 'store'}, fsync: {fsync}}}\n"
+                f'database: {{url: "{database_url}"}}\n'
+            )
+            servers.append(subprocess.Popen(
+                [sys.executable, "-m", "pacs", "serve", "--config", str(config)],
+                start_new_session=True))
+        for port in ports:
+            wait_ready(port)
+        yield ports
+        for number, server in enumerate(servers):
+            workers = [peak_rss_mb(child) for child in children(server.pid)]
+            print(f"peak RSS node {number}: main {peak_rss_mb(server.pid):.0f} MB, workers "
+                  f"{', '.join(f'{w:.0f}' for w in workers) or '-'} MB")
+    finally:
+        for server in servers:
+            os.killpg(server.pid, signal.SIGTERM)
+        for server in servers:
+            server.wait(30)
+
+
+def store(groups: list[list[Path]], ports: list[int]) -> tuple[float, int]:
+    """Run one storescu per group at once, group i to ports[i]; return seconds and failed
+    responses."""
     logs = [tempfile.TemporaryFile(mode="w+") for _ in groups]  # a full pipe would stall storescu
     start = time.perf_counter()
     procs = [
@@ -87,7 +145,7 @@ def store(groups: list[list[Path]], port: int) -> tuple[float, int]:
                           str(port), *map(str, group)],
                          stdout=log, stderr=subprocess.STDOUT, text=True,
                          env={**os.environ, "TCP_NODELAY": "1"})  # as bench.py: DCMTK's Nagle off
-        for group, log in zip(groups, logs)
+        for group, port, log in zip(groups, ports, logs)
     ]
     for proc in procs:
         proc.wait()
@@ -113,34 +171,29 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--fsync", choices=["true", "false"], default="true")
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/pacs-bench-data"))
+    parser.add_argument("--database-url", default=SQLITE_URL,
+                        help="the index: SQLite (default) or postgresql://... (a new schema per run)")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="pacs serve processes sharing the store and index (PostgreSQL only)")
     args = parser.parse_args()
+    postgres = args.database_url.startswith(("postgresql://", "postgres://"))
+    if args.nodes < 1:
+        parser.error("--nodes must be at least 1")
+    if args.nodes > 1 and not postgres:
+        parser.error("--nodes above 1 needs a postgresql:// --database-url")
     bulk_dir, patients = make_data(args.data_dir, args.bulk, args.many)
-    with tempfile.TemporaryDirectory(prefix="pacs-bench-") as work:
-        port = free_port()
-        config = Path(work) / "pacs.yaml"
-        config.write_text(
-            f"ae_title: MINIPACS\nhost: 127.0.0.1\nport: {port}\n"
-            f"storage: {{root: data/store, fsync: {args.fsync}}}\n"
-            'database: {url: "sqlite:///data/index.sqlite"}\n'
-        )
-        server = subprocess.Popen([sys.executable, "-m", "pacs", "serve", "--config", str(config)],
-                                  start_new_session=True)
-        try:
-            wait_ready(port)
-            for name, groups in (
-                ("bulk", [[bulk_dir]]),
-                ("many", [patients[i::args.parallel] for i in range(args.parallel)]),
-            ):
-                count = count_files([p for g in groups for p in g])
-                seconds, failed = store(groups, port)
-                print(f"STORE-{name}: {count} instances in {seconds:.2f} s = {count / seconds:.0f}"
-                      f" inst/s, {len(groups)} assoc, fsync {args.fsync}, failed {failed}")
-            workers = [peak_rss_mb(child) for child in children(server.pid)]
-            print(f"peak RSS: main {peak_rss_mb(server.pid):.0f} MB, workers "
-                  f"{', '.join(f'{w:.0f}' for w in workers) or '-'} MB")
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(30)
+    index = fresh_schema(args.database_url) if postgres else nullcontext(args.database_url)
+    with tempfile.TemporaryDirectory(prefix="pacs-bench-") as work, index as database_url, \
+            run_nodes(Path(work), args.nodes, database_url, args.fsync) as ports:
+        for name, groups in (
+            ("bulk", [[bulk_dir]]),
+            ("many", [patients[i::args.parallel] for i in range(args.parallel)]),
+        ):
+            count = count_files([p for g in groups for p in g])
+            seconds, failed = store(groups, [ports[i % len(ports)] for i in range(len(groups))])
+            print(f"STORE-{name}: {count} instances in {seconds:.2f} s = {count / seconds:.0f}"
+                  f" inst/s, {len(groups)} assoc, {min(len(groups), len(ports))} node(s), "
+                  f"{'PostgreSQL' if postgres else 'SQLite'}, fsync {args.fsync}, failed {failed}")
     return 0
 
 

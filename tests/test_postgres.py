@@ -1,31 +1,37 @@
 """PostgreSQL connections and transactions: a lost connection fails the operation in flight,
 the next reconnects; a transaction aborted for a deadlock runs again.
 
-The server is shared, so instead of restarting it the test terminates the
+The server is shared, so instead of restarting it the tests terminate the
 node's own backends (pg_terminate_backend, which is what a restart does to
 them), found by the application_name of the test's schema. Between
 operations the pool replaces a dead connection unnoticed; during one, the
-operation fails with 0xA700 and the next one succeeds.
+operation fails (C-STORE and C-FIND 0xA700, C-MOVE/C-GET 0xA701) and the
+next one succeeds.
 """
 from __future__ import annotations
 
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
 
 import pytest
 from peewee import OperationalError
+from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.sop_class import CTImageStorage
 
 from pacs.index.db import close_database, in_write_transaction, open_database
 from pacs.index.models import Instance, Patient, database
 from tests.conftest import (
-    RunningNode, associate, fresh_database, open_index, pg_admin, run_pacs,
+    RunningNode, associate, fresh_database, open_index, pg_admin, run_pacs, send_datasets,
     terminate_pg_backends, write_config,
 )
 from tests.dicomgen import make_instance
 from tests.find_support import STUDY_ROOT, find, query
+from tests.retrieve_support import Receiver, counts, identifier
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -45,6 +51,35 @@ def blocked_on_a_lock(schema: str, admin) -> bool:
     return cursor.fetchone()[0] > 0
 
 
+def lose_connection_during(schema: str, table: str, operation: Callable[[], T]) -> T:
+    """Run `operation` in a thread while `table` is locked; once the node's query waits on
+    the lock, terminate the node's connections under it. The operation's result."""
+    admin, watcher = pg_admin(), pg_admin()
+    admin.autocommit = False
+    try:
+        admin.cursor().execute(f'SET search_path TO "{schema}"; '
+                               f'LOCK TABLE "{table}" IN ACCESS EXCLUSIVE MODE')
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(operation)
+            deadline = time.monotonic() + 30
+            while not blocked_on_a_lock(schema, watcher):
+                assert time.monotonic() < deadline and not running.done(), \
+                    "the operation never waited"
+                time.sleep(0.02)
+            assert terminate_pg_backends(schema, watcher) >= 1
+            admin.rollback()
+            return running.result(timeout=30)
+    finally:
+        admin.close()
+        watcher.close()
+
+
+def assert_index_unavailable(status: Dataset, code: int, caplog) -> None:
+    assert status.Status == code
+    assert status.ErrorComment.startswith("index unavailable")
+    assert "index connection lost" in caplog.text
+
+
 def test_lost_connection_fails_the_operation_in_flight_then_reconnects(pg_node, caplog):
     node, schema = pg_node
     first, second, third = (make_instance(number=n) for n in (1, 2, 3))
@@ -55,26 +90,10 @@ def test_lost_connection_fails_the_operation_in_flight_then_reconnects(pg_node, 
     assert terminate_pg_backends(schema) >= 1
     assert assoc.send_c_store(second).Status == 0
 
-    # During one: hold the instance table so the C-STORE waits inside its
-    # transaction, then kill the node's connections under it.
-    admin, watcher = pg_admin(), pg_admin()
-    admin.autocommit = False
-    admin.cursor().execute(f'SET search_path TO "{schema}"; '
-                           'LOCK TABLE "instance" IN ACCESS EXCLUSIVE MODE')
-    with ThreadPoolExecutor(1) as pool, caplog.at_level(logging.WARNING):
-        running = pool.submit(assoc.send_c_store, third)
-        deadline = time.monotonic() + 30
-        while not blocked_on_a_lock(schema, watcher):
-            assert time.monotonic() < deadline and not running.done(), "the C-STORE never waited"
-            time.sleep(0.02)
-        assert terminate_pg_backends(schema, watcher) >= 1
-        admin.rollback()
-        failed = running.result(timeout=30)
-    admin.close()
-    watcher.close()
-    assert failed.Status == 0xA700
-    assert failed.ErrorComment.startswith("index unavailable")
-    assert "index connection lost" in caplog.text
+    # During one: the C-STORE waits inside its transaction when the connection goes.
+    with caplog.at_level(logging.WARNING):
+        failed = lose_connection_during(schema, "instance", lambda: assoc.send_c_store(third))
+    assert_index_unavailable(failed, 0xA700, caplog)
 
     assert assoc.send_c_store(third).Status == 0  # the sender retries: nothing lost
     matches, final = find(assoc, query("IMAGE", StudyInstanceUID=first.StudyInstanceUID,
@@ -89,6 +108,44 @@ def test_lost_connection_fails_the_operation_in_flight_then_reconnects(pg_node, 
             str(ds.SOPInstanceUID) for ds in (first, second, third)}
     result = run_pacs("verify", "--no-progress", config=node.config_path)
     assert (result.returncode, result.stdout) == (0, "store and index are consistent\n")
+
+
+def test_lost_connection_fails_a_find_in_flight_then_reconnects(pg_node, caplog):
+    node, schema = pg_node
+    stored = make_instance()
+    assert send_datasets(node, [stored])[0].Status == 0
+    assoc = associate(node, contexts=[STUDY_ROOT])
+    study = query("STUDY", StudyInstanceUID=stored.StudyInstanceUID, PatientName=None)
+
+    with caplog.at_level(logging.WARNING):
+        matches, final = lose_connection_during(schema, "study", lambda: find(assoc, study))
+    assert matches == []
+    assert_index_unavailable(final, 0xA700, caplog)
+
+    matches, final = find(assoc, study)  # the same association, a new connection
+    assert (final.Status, [str(m.StudyInstanceUID) for m in matches]) == (
+        0, [stored.StudyInstanceUID])
+    assoc.release()
+
+
+def test_lost_connection_fails_a_get_in_flight_with_a701_then_reconnects(pg_node, caplog):
+    """The retrieve services' Out of Resources is "unable to calculate number of matches"
+    (PS3.4 C.4.2.1.4 / C.4.3.1.4): the index could not say what to send."""
+    node, schema = pg_node
+    stored = make_instance()
+    assert send_datasets(node, [stored])[0].Status == 0
+    study = identifier("STUDY", StudyInstanceUID=stored.StudyInstanceUID)
+    receiver = Receiver()
+
+    with caplog.at_level(logging.WARNING):
+        pending, final, _ = lose_connection_during(schema, "instance",
+                                                   lambda: receiver.get(node, study))
+    assert (pending, receiver.received) == ([], {})
+    assert_index_unavailable(final, 0xA701, caplog)
+
+    _, final, _ = receiver.get(node, study)
+    assert (final.Status, counts(final)) == (0, (1, 0, 0))
+    assert set(receiver.received) == {str(stored.SOPInstanceUID)}
 
 
 @pytest.mark.parametrize("durable, expected", [(True, "on"), (False, "off")])

@@ -57,7 +57,7 @@ class Study(BaseModel):
     accession_number = CharField(max_length=64, default="", index=True)
     study_id = CharField(max_length=16, default="")
     description = CharField(max_length=64, default="")
-    referring_physician = CharField(max_length=324, default="")
+    referring_physician = CharField(max_length=324, default="", index=True)  # schema v4
     referring_physician_fold = CharField(max_length=324, default="", index=True)
     modalities = CharField(max_length=256, default="")  # "\CT\MR\"
     sop_classes = TextField(default="")  # "\1.2...\1.2...\"

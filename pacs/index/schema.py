@@ -5,7 +5,9 @@ version number. An existing one is at the version its `schema_version` row
 says, and each step of `MIGRATIONS` above it runs in order, in one
 transaction with the version update, so an upgrade of `pacs` upgrades the
 schema on the first start. A new step: change models.py, append a function
-that makes an existing database look like a new one, and if it adds
+that makes an existing database look like a new one, with the operations of
+playhouse.migrate's migrator where they can express the change (columns,
+plain indexes: the migrator spells them for either backend), and if it adds
 something models.py cannot express, add that to `_extras` as well.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 from typing import Callable
 
 from peewee import Database, PostgresqlDatabase
-from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import SchemaMigrator, migrate
 
 from pacs.index.models import MODELS, AuditEvent, Patient, SchemaVersion, Study
 
@@ -32,7 +34,7 @@ class SchemaError(Exception):
 
 _PREFIX_COLUMNS = (
     Patient.patient_name, Patient.patient_name_fold, Patient.patient_id,
-    Study.accession_number, Study.referring_physician_fold,
+    Study.accession_number, Study.referring_physician_fold, Study.referring_physician,
 )
 
 
@@ -54,10 +56,22 @@ def _v3_audit_trail(db: Database, migrator: SchemaMigrator) -> None:
     db.create_tables([AuditEvent])
 
 
+def _v4_referring_physician_index(db: Database, migrator: SchemaMigrator) -> None:
+    """Index Study.referring_physician (and its prefix on PostgreSQL), as patient_name is.
+
+    With `query.case_insensitive_pn: false` a ReferringPhysicianName key is
+    matched on this column rather than on its `_fold` twin, and without an
+    index each such C-FIND read every study row.
+    """
+    migrate(migrator.add_index(Study._meta.table_name, (Study.referring_physician.column_name,)))
+    _extras(db)
+
+
 # version -> the step that brings a database of the version before up to it
 MIGRATIONS: dict[int, Callable[[Database, SchemaMigrator], None]] = {
     2: _v2_prefix_indexes,
     3: _v3_audit_trail,
+    4: _v4_referring_physician_index,
 }
 LATEST = max(MIGRATIONS)
 

@@ -39,7 +39,7 @@ def copy_index(target: Database, progress: bool = True) -> dict[str, int]:
                 for count in _copy_table(target, model):
                     bar.update(count)
             if isinstance(target, PostgresqlDatabase):
-                _continue_ids(target)
+                continue_ids(target)
     return {model._meta.table_name: total for model, total in totals.items()}
 
 
@@ -66,8 +66,9 @@ def _portable(value: object) -> object:
     return value
 
 
-def _continue_ids(target: Database) -> None:
-    """Move each id sequence past the copied ids, so new rows do not collide with them."""
+def continue_ids(target: Database) -> None:
+    """Move each PostgreSQL id sequence past the ids rows were inserted with, so new rows
+    do not collide with them."""
     for model in TABLES:
         table = model._meta.table_name
         target.execute_sql(
