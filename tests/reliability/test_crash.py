@@ -12,16 +12,18 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from pacs.config import Config, load
 from pacs.index.models import Instance
-from tests.conftest import open_index, run_pacs, staging_files, store_files, write_config
+from tests.conftest import open_index, run_pacs, staging_files, write_config
 from tests.dicomgen import make_study
 from tests.reliability.conftest import scale
 from tests.reliability.support import (
@@ -118,62 +120,79 @@ def pacs_command(*args: str, config: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def kill_when(proc: subprocess.Popen, condition) -> bool:
-    """SIGKILL `proc` as soon as `condition()` holds; False if it ended first."""
+def index_rows(database: str) -> int | None:
+    """Instance rows in a SQLite index, read beside the command writing it (None: no table)."""
+    try:
+        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)) as db:
+            return db.execute("SELECT count(*) FROM instance").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet, or dropped by reindex just now
+        return None
+
+
+def kill_working(proc: subprocess.Popen, condition) -> int | None:
+    """SIGKILL `proc` as soon as `condition()` returns a row count; that count.
+
+    Fails if the command ended first: the kill must land while it works.
+    """
     while proc.poll() is None:
-        if condition():
+        rows = condition()
+        if rows is not None:
             proc.kill()
             proc.wait()
-            return True
+            return rows
         time.sleep(0.002)
-    return False
+    pytest.fail(f"the command ended (exit {proc.returncode}) before the moment to kill it")
 
 
-def assert_recovered(config: Path, total: int) -> None:
+def assert_rerun_recovers(config: Path, command: tuple[str, ...], total: int) -> None:
+    """After the kill: the index is sound; the re-run cleans staging and completes the work."""
+    crashed = verify_problems(config)
+    assert not [p for p in crashed if not p.startswith(ALLOWED_AFTER_CRASH)], crashed
+    stray = plant_stray(load(config))  # beside any file the kill left there
+    rerun = run_pacs(*command, "--no-progress", config=config)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert not stray.exists() and staging_files(load(config)) == []
     assert verify_problems(config) == []
     with open_index(config):
         assert Instance.select().count() == total
 
 
-@pytest.mark.parametrize("cycles", [scale(2, 15)])
+@pytest.mark.parametrize("cycles", [scale(3, 15)])
 def test_kill9_during_import_then_rerun_is_consistent(tmp_path, rng, cycles):
-    """SIGKILL `pacs import` after a random number of files reached the store."""
+    """SIGKILL `pacs import` once a random number of its files (1 to 3/4) have index rows."""
     total = 100
     for cycle in range(cycles):
         folder = tmp_path / f"in{cycle}"
         make_study(folder, patient_id=f"IMP{cycle}", series=4, per_series=total // 4)
         (tmp_path / f"node{cycle}").mkdir()
         config = write_config(tmp_path / f"node{cycle}")
-        after = rng.randrange(1, total)
-        killed = kill_when(pacs_command("import", str(folder), config=config),
-                           lambda: len(store_files(load(config))) >= after)
-        print(f"cycle {cycle}: import killed after {after} files: {killed}")
-        crashed = verify_problems(config)
-        assert not [p for p in crashed if not p.startswith(ALLOWED_AFTER_CRASH)], crashed
-        rerun = run_pacs("import", "--no-progress", str(folder), config=config)
-        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-        assert_recovered(config, total)
+        database = load(config).database.url.removeprefix("sqlite:///")
+        after = rng.randrange(1, total * 3 // 4)
+        rows = kill_working(pacs_command("import", str(folder), config=config),
+                            lambda: n if (n := index_rows(database) or 0) >= after else None)
+        left = [p.name for p in staging_files(load(config))]
+        print(f"cycle {cycle}: import killed at {rows} rows (aim {after}), staging left {left}")
+        assert after <= index_rows(database) < total, "killed before its first row or after its last"
+        assert_rerun_recovers(config, ("import", str(folder)), total)
 
 
-@pytest.mark.parametrize("cycles", [scale(2, 15)])
-def test_kill9_during_reindex_then_rerun_is_consistent(tmp_path, rng, cycles):
-    """SIGKILL `pacs reindex` at a random moment of its run (timed by one whole run first)."""
-    total = 600  # more than one reindex batch
+@pytest.mark.parametrize("cycles", [scale(3, 15)])
+def test_kill9_during_reindex_then_rerun_is_consistent(tmp_path, cycles):
+    """SIGKILL `pacs reindex` once it emptied the index, or (every other cycle) once it
+    committed its first batch."""
+    total = 600  # more than one reindex batch (500)
     folder = tmp_path / "in"
     make_study(folder, patient_id="REIDX", series=6, per_series=total // 6)
     config = write_config(tmp_path)
+    database = load(config).database.url.removeprefix("sqlite:///")
     assert run_pacs("import", "--no-progress", str(folder), config=config).returncode == 0
-    began = time.monotonic()
-    assert run_pacs("reindex", "--no-progress", config=config).returncode == 0
-    duration = time.monotonic() - began
     for cycle in range(cycles):
-        delay = rng.uniform(0, duration)
-        proc = pacs_command("reindex", config=config)
-        deadline = time.monotonic() + delay
-        killed = kill_when(proc, lambda: time.monotonic() >= deadline)
-        print(f"cycle {cycle}: reindex killed after {delay:.2f} of {duration:.2f} s: {killed}")
-        crashed = verify_problems(config)
-        assert not [p for p in crashed if not p.startswith(ALLOWED_AFTER_CRASH)], crashed
-        rerun = run_pacs("reindex", "--no-progress", config=config)
-        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-        assert_recovered(config, total)
+        moment = ("emptied", "refilling")[cycle % 2]
+        if moment == "emptied":  # dropped or recreated empty, no batch committed yet
+            condition = lambda: 0 if index_rows(database) in (None, 0) else None  # noqa: E731
+        else:
+            condition = lambda: n if 0 < (n := index_rows(database) or 0) < total else None  # noqa: E731
+        rows = kill_working(pacs_command("reindex", config=config), condition)
+        print(f"cycle {cycle}: reindex killed once {moment}, at {rows} rows")
+        assert (index_rows(database) or 0) < total, "killed after its last batch"
+        assert_rerun_recovers(config, ("reindex",), total)
