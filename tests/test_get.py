@@ -2,53 +2,23 @@
 from __future__ import annotations
 
 import subprocess
-import threading
-import time
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
-from pynetdicom import build_role, evt
+from pydicom.uid import RLELossless
 from pynetdicom.sop_class import (
     CTImageStorage,
     MRImageStorage,
     PatientRootQueryRetrieveInformationModelGet as PatientRootGet,
-    StudyRootQueryRetrieveInformationModelGet as StudyRootGet,
 )
 
 from tests.conftest import DCMTK, dataset_bytes, needs_dcmtk, stored_path
 from tests.dicomgen import make_instance, make_study
 from tests.retrieve_support import (
-    compress, counts, failed_uids, fit_bits_stored, identifier, retrieve, store,
+    UNCOMPRESSED, Receiver, compress, counts, failed_uids, fit_bits_stored, identifier, store,
 )
 
 pytestmark = pytest.mark.both_backends  # same results on SQLite and PostgreSQL
-
-UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-
-
-class Receiver:
-    """The C-GET requester's storage side: records what comes back over the association."""
-
-    def __init__(self, delay: float = 0.0):
-        self.received: dict[str, tuple[str, bytes]] = {}
-        self._delay = delay
-        self._lock = threading.Lock()
-
-    def on_store(self, event) -> int:
-        time.sleep(self._delay)
-        with self._lock:
-            self.received[str(event.request.AffectedSOPInstanceUID)] = (
-                str(event.context.transfer_syntax), dataset_bytes(event.dataset_path))
-        return 0x0000
-
-    def get(self, node, ident, model=StudyRootGet, syntaxes=None, classes=(CTImageStorage,),
-            **kwargs):
-        """C-GET proposing `classes` in `syntaxes` with the SCP role for storage."""
-        contexts = [(cls, syntaxes or UNCOMPRESSED) for cls in classes]
-        roles = [build_role(cls, scp_role=True) for cls in classes]
-        return retrieve(node, ident, model, contexts=contexts, ext_neg=roles,
-                        evt_handlers=[(evt.EVT_C_STORE, self.on_store)], **kwargs)
 
 
 @needs_dcmtk

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 from pydicom import Dataset
@@ -140,6 +142,17 @@ def stored_bytes(config_path: Path, uids: list[str]) -> dict[str, bytes]:
             rows.update(Instance.select(Instance.sop_uid, Instance.path)
                         .where(Instance.sop_uid.in_(chunk)).tuples())
     return {sop: dataset_bytes(store / relpath) for sop, relpath in rows.items()}
+
+
+def index_rows(database: str, sop_uid: str | None = None) -> int | None:
+    """Instance rows (of one SOP Instance UID) in a SQLite index, read beside the process
+    writing it without taking any lock a writer waits for; None while there is no table."""
+    where, params = ("WHERE sop_uid = ?", (sop_uid,)) if sop_uid else ("", ())
+    try:
+        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)) as db:
+            return db.execute(f"SELECT count(*) FROM instance {where}", params).fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet, or dropped by reindex just now
+        return None
 
 
 def verify_problems(config_path: Path) -> list[str]:

@@ -2,8 +2,9 @@
 
 The promise checked after every restart: each instance a sender saw answered
 0x0000 is findable by C-FIND and its stored file, found through its index row,
-holds the sent bytes; no index row lacks its file; staging was emptied at
-start. A crash may leave a file without a row (renamed, not yet committed,
+holds the sent bytes; every few cycles and at the end a random sample comes
+back by C-GET with the sent bytes; no index row lacks its file; staging was
+emptied at start. A crash may leave a file without a row (renamed, not yet committed,
 never acknowledged): `pacs verify` names it and a re-run or `pacs reindex`
 adopts it, as the README says.
 """
@@ -12,11 +13,9 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -25,13 +24,15 @@ from pacs.config import Config, load
 from pacs.index.models import Instance
 from tests.conftest import open_index, run_pacs, staging_files, write_config
 from tests.dicomgen import make_study
+from tests.retrieve_support import Receiver, counts, identifier
 from tests.reliability.conftest import scale
 from tests.reliability.support import (
-    SETSID, StoreLoop, find_uids, start_serve, stored_bytes, verify_problems,
+    SETSID, StoreLoop, find_uids, index_rows, start_serve, stored_bytes, verify_problems,
 )
 from tests.test_workers import children
 
 SENDERS = 4
+GET_SAMPLE, GET_EVERY = 20, 5  # acknowledged instances C-GET'd back, every few cycles and at the end
 # A file renamed into place whose row was not committed when the node died.
 ALLOWED_AFTER_CRASH = ("file without row:",)
 
@@ -46,6 +47,16 @@ def check_promise(proc, acked: dict[str, bytes]) -> None:
     assert not wrong, f"{len(wrong)} acknowledged instances differ from what was sent: {wrong[:3]}"
     problems = [p for p in verify_problems(proc.config_path) if not p.startswith(ALLOWED_AFTER_CRASH)]
     assert problems == []
+
+
+def check_retrieval(proc, acked: dict[str, bytes], rng: random.Random) -> None:
+    """A random sample of the acknowledged instances comes back by C-GET with the bytes sent."""
+    sample = rng.sample(sorted(acked), min(GET_SAMPLE, len(acked)))
+    receiver = Receiver()
+    _, final, _ = receiver.get(proc, identifier("IMAGE", SOPInstanceUID=sample))
+    assert final.Status == 0 and counts(final) == (len(sample), 0, 0), final
+    got = {sop: data for sop, (_, data) in receiver.received.items()}
+    assert got == {sop: acked[sop] for sop in sample}
 
 
 def plant_stray(config: Config) -> Path:
@@ -84,6 +95,8 @@ def test_kill9_loop_loses_no_acknowledged_instance(tmp_path, rng, workers, cycle
             assert not stray.exists(), "stray staging file survived the restart"
             assert staging_files(proc.config) == []
             check_promise(proc, acked)
+            if cycle and cycle % GET_EVERY == 0:
+                check_retrieval(proc, acked, rng)
             # each sender its own generator: threads drawing from one would race
             senders = [StoreLoop(proc.port, f"C{cycle}S{i}", random.Random(rng.random()))
                        for i in range(SENDERS)]
@@ -104,13 +117,14 @@ def test_kill9_loop_loses_no_acknowledged_instance(tmp_path, rng, workers, cycle
             acked.update(sender.acked)
             refused += sender.refused
         print(f"cycle {cycle}: {len(acked)} acknowledged so far, {time.monotonic() - began:.0f} s")
+    assert acked, "no store was ever acknowledged"
     proc = start_serve(config_path)
     try:
         check_promise(proc, acked)
+        check_retrieval(proc, acked, rng)
         assert proc.terminate() == 0
     finally:
         proc.kill()
-    assert acked, "no store was ever acknowledged"
     assert refused == []
 
 
@@ -118,15 +132,6 @@ def pacs_command(*args: str, config: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pacs", *args, "--no-progress",
                              "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def index_rows(database: str) -> int | None:
-    """Instance rows in a SQLite index, read beside the command writing it (None: no table)."""
-    try:
-        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)) as db:
-            return db.execute("SELECT count(*) FROM instance").fetchone()[0]
-    except sqlite3.OperationalError:  # not created yet, or dropped by reindex just now
-        return None
 
 
 def kill_working(proc: subprocess.Popen, condition) -> int | None:
