@@ -123,7 +123,7 @@ class Node:
 
     def start(self, channel: socket.socket | None = None) -> None:
         """Listen on the configured ports, or serve what a supervisor hands over `channel`."""
-        receive_into(self.archive.store.staging)
+        receive_into(self.archive.store.staging, self.archive.check_space)
         tls = server_context(self.config.tls) if self.config.tls is not None else None
         if channel is not None:
             # A worker: the supervisor listens, and cleaned staging before any worker started.

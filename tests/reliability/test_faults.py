@@ -68,8 +68,11 @@ def test_free_space_reserve_is_checked_live(serve_process, tmp_path):
     ballast = proc.config.storage.root.parent / "ballast"
     with open(ballast, "wb") as fp:
         os.posix_fallocate(fp.fileno(), 0, 512 * MiB)
+    staging = proc.config.storage.root / ".staging"
     try:
+        os.utime(staging, ns=(0, 0))  # making (and deleting) a receive file would set it to now
         assert_refused(proc, second, "free-space reserve")
+        assert staging.stat().st_mtime_ns == 0, "the refused transfer was written to staging"
     finally:
         ballast.unlink()
     assert store_one(proc, second).Status == 0
