@@ -19,6 +19,7 @@ from pacs.index.models import Instance
 from tests.conftest import ServeProcess, dataset_bytes, open_index, run_pacs
 from tests.dicomgen import make_instance, uid
 from tests.reliability.raw import send_store
+from tests.test_workers import children
 
 SETSID = Path("/usr/bin/setsid")
 FIND_CHUNK = 200  # SOP Instance UIDs per C-FIND identifier
@@ -179,6 +180,11 @@ def proc_status(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def serving_pids(proc, workers: int) -> list[int]:
+    """The processes that run associations: `pacs serve` itself, or its workers."""
+    return sorted(children(proc.proc.pid)) if workers > 1 else [proc.proc.pid]
 
 
 def wait_for(condition, timeout: float) -> None:

@@ -24,7 +24,9 @@ from tests.reliability.conftest import scale
 from tests.reliability.raw import (
     ABORT, RELEASE_RQ, answers_until_close, associate_rq, connect, echo_pdata, send_store,
 )
-from tests.reliability.support import echo_ok, proc_status, store_one, verify_problems, wait_for
+from tests.reliability.support import (
+    echo_ok, proc_status, serving_pids, store_one, verify_problems, wait_for,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on invalid UIDs
 UNKNOWN_TYPES = (0x00, 0x08, 0x09, 0x10, 0x41, 0x7F, 0x80, 0xFF)
@@ -82,11 +84,17 @@ def run_pdu_case(port: int, chunks: list[bytes]) -> list[int]:
         return answers_until_close(sock)
 
 
-def test_random_and_mutated_pdus(serve_process, rng):
-    """The node answers or aborts every broken association, keeps serving, and leaks nothing."""
-    cases = scale(1000, 10000)
-    proc = serve_process(network={"max_associations": 64})
-    threads_before = proc_status(proc.proc.pid, "Threads")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_random_and_mutated_pdus(serve_process, rng, workers):
+    """The node answers or aborts every broken association, keeps serving, and leaks nothing.
+
+    With `network.workers: 2` the connections go through the supervisor's hand-off;
+    no worker may die (and be replaced) on the way.
+    """
+    cases = scale(500, 5000)  # per worker setting
+    proc = serve_process(network={"max_associations": 64, "workers": workers})
+    serving = serving_pids(proc, workers)
+    threads_before = {pid: proc_status(pid, "Threads") for pid in serving}
     drawn = [pdu_case(rng) for _ in range(cases)]
     outcomes: Counter = Counter()
 
@@ -102,11 +110,12 @@ def test_random_and_mutated_pdus(serve_process, rng):
         for kind, answers in pool.map(run, range(cases)):
             outcomes[(kind, "+".join(sorted({PDU_NAMES.get(a, hex(a)) for a in answers})) or "closed")] += 1
     print(f"{cases} PDU cases, (kind, PDU types answered): {sorted(outcomes.items())}")
-    assert proc.proc.poll() is None
+    assert proc.proc.poll() is None and serving_pids(proc, workers) == serving
     assert echo_ok(proc.port)
     # Every association thread ended; no forged length cost its claimed size in memory.
-    wait_for(lambda: proc_status(proc.proc.pid, "Threads") <= threads_before + 2, timeout=30)
-    assert proc_status(proc.proc.pid, "VmHWM") < 1 << 20  # kB: 1 GiB
+    wait_for(lambda: all(proc_status(pid, "Threads") <= threads_before[pid] + 2
+                         for pid in serving), timeout=30)
+    assert max(proc_status(pid, "VmHWM") for pid in serving) < 1 << 20  # kB: 1 GiB
     # pynetdicom 3.0 logs tracebacks of its own for undecodable PDUs, and its DUL thread dies
     # on a state-machine race (Evt7 in Sta13) that ends that connection; none may pass our code.
     assert f"{os.sep}pacs{os.sep}" not in proc.log_text().replace(f"{os.sep}pacs{os.sep}pacs.yaml", "")
