@@ -27,7 +27,7 @@ from tests.dicomgen import make_study
 from tests.retrieve_support import Receiver, counts, identifier
 from tests.reliability.conftest import scale
 from tests.reliability.support import (
-    SETSID, StoreLoop, find_uids, index_rows, start_serve, stored_bytes, verify_problems,
+    SETSID, StoreLoop, find_uids, index_rows, start_serve, stored_bytes, verify_problems, verifying,
 )
 from tests.test_workers import children
 
@@ -39,13 +39,14 @@ ALLOWED_AFTER_CRASH = ("file without row:",)
 
 def check_promise(proc, acked: dict[str, bytes]) -> None:
     """Every acknowledged instance is findable and stored byte for byte; the index is sound."""
+    verified = verifying(proc.config_path)  # reads beside the C-FINDs (not the start: locks)
     uids = sorted(acked)
     missing = set(uids) - find_uids(proc.port, uids)
     assert not missing, f"{len(missing)} acknowledged instances not found, e.g. {sorted(missing)[:3]}"
     stored = stored_bytes(proc.config_path, uids)
     wrong = [u for u in uids if stored.get(u) != acked[u]]
     assert not wrong, f"{len(wrong)} acknowledged instances differ from what was sent: {wrong[:3]}"
-    problems = [p for p in verify_problems(proc.config_path) if not p.startswith(ALLOWED_AFTER_CRASH)]
+    problems = [p for p in verified() if not p.startswith(ALLOWED_AFTER_CRASH)]
     assert problems == []
 
 
