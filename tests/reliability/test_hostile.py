@@ -1,7 +1,8 @@
 """Hostile input: random and mutated PDUs, mutated data sets in C-STORE, SQL in C-FIND keys.
 
-Every case is drawn from the test's seeded `rng`; a failure names the case
-number, and `PACS_SEED` replays the same cases.
+Random cases are drawn from the test's seeded `rng` (the hostile UIDs also run
+as fixed cases, each in every UID field); a failure names the case number, and
+`PACS_SEED` replays the same cases.
 """
 from __future__ import annotations
 
