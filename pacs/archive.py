@@ -68,6 +68,12 @@ def _index_errors() -> Iterator[None]:
         raise OutOfResources(f"index unavailable: {_first_line(exc)}") from None
 
 
+def abandoned_after(config: Config) -> float:
+    """Seconds after which a staging file no association or command wrote to is surely dead."""
+    net = config.network
+    return 2 * (net.network_timeout + net.dimse_timeout) + 60
+
+
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -96,6 +102,18 @@ class Archive:
     def _lock_for(self, sop_uid: str) -> threading.Lock:
         digest = hashlib.blake2b(sop_uid.encode(), digest_size=2).digest()
         return self._locks[int.from_bytes(digest, "big") % _LOCK_STRIPES]
+
+    def clean_staging(self) -> int:
+        """Remove temporary files of an earlier run (call before this process makes any).
+
+        With a PostgreSQL index other nodes may share the store and be writing
+        into its staging folder right now: then only abandoned files go.
+        """
+        shared = self.config.database.url.startswith(("postgresql://", "postgres://"))
+        removed = self.store.clean_staging(older_than=abandoned_after(self.config) if shared else 0)
+        if removed:
+            log.info("removed %d stray temporary files from an earlier run", removed)
+        return removed
 
     def check_space(self) -> None:
         """Refuse early when the store is below its free-space reserve."""

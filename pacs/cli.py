@@ -101,6 +101,8 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     from pacs.archive import Archive
 
     archive = Archive(config)
+    if args.command in ("import", "reindex"):  # what a killed run of either left behind
+        archive.clean_staging()
     try:
         if args.command == "import":
             return _import(archive, args)
@@ -146,10 +148,9 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 
 def _prepare(config: Config) -> int:
     from pacs.archive import Archive
-    from pacs.node import clean_staging
 
     archive = Archive(config)
-    clean_staging(archive)
+    archive.clean_staging()
     archive.close()
     return EXIT_OK
 

@@ -20,7 +20,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs import access
 from pacs import activity
-from pacs.archive import Archive
+from pacs.archive import Archive, abandoned_after
 from pacs.config import Config
 from pacs.endpoints import binding, endpoints
 from pacs.handoff import start_channel_server, start_listening
@@ -125,14 +125,14 @@ class Node:
 
     def start(self, channel: socket.socket | None = None) -> None:
         """Listen on the configured ports, or serve what a supervisor hands over `channel`."""
-        receive_into(self.archive.store.staging)
+        receive_into(self.archive.store.staging, self.archive.check_space)
         tls = server_context(self.config.tls) if self.config.tls is not None else None
         if channel is not None:
             # A worker: the supervisor listens, and cleaned staging before any worker started.
             self.servers = [start_channel_server(self.ae, channel, self.handlers(), tls)]
             log.info("worker %d serving %s", os.getpid(), self.config.ae_title)
         else:
-            clean_staging(self.archive)
+            self.archive.clean_staging()
             for endpoint in endpoints(self.config):
                 with binding(endpoint, self.config.host):
                     server = start_listening(self.ae, (self.config.host, endpoint.port),
@@ -145,7 +145,7 @@ class Node:
 
     def _sweep(self) -> None:
         """Drop receive files left by aborted associations, once they are surely dead."""
-        age = _surely_dead_after(self.config)
+        age = abandoned_after(self.config)
         while not self._sweeper.wait(SWEEP_EVERY_S):
             self.archive.store.clean_staging(older_than=age)
 
@@ -164,25 +164,6 @@ class Node:
             log.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
             assoc.abort()
         receive_into(None)
-
-
-def _surely_dead_after(config: Config) -> float:
-    """Seconds after which a receive file no association wrote to is abandoned."""
-    net = config.network
-    return 2 * (net.network_timeout + net.dimse_timeout) + 60
-
-
-def clean_staging(archive: Archive) -> None:
-    """Remove receive files of a previous run (only while no association can be running).
-
-    With a PostgreSQL index other nodes may share the store and be receiving
-    into its staging folder right now: then only abandoned files go.
-    """
-    shared = archive.config.database.url.startswith(("postgresql://", "postgres://"))
-    removed = archive.store.clean_staging(
-        older_than=_surely_dead_after(archive.config) if shared else 0)
-    if removed:
-        log.info("removed %d stray temporary files from an earlier run", removed)
 
 
 def serve(config: Config, channel_fd: int | None = None) -> int:

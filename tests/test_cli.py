@@ -1,7 +1,9 @@
 """`pacs import`, `reindex`, `verify` and `stats` on a real store and index."""
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -110,6 +112,22 @@ def test_reindex_rebuilds_the_same_index(filled):
     assert after == before
     assert {row[0] for row in after["patients"]} == {"PID1", "PID2"}
     assert ("\\CT\\MR\\", 3, 5) in {row[3:4] + row[5:] for row in after["studies"]}
+
+
+@pytest.mark.parametrize("command", ["import", "reindex"])
+def test_import_and_reindex_clean_abandoned_staging_files(filled, tmp_path, database_url, command):
+    """What a killed run left in staging goes at the next start; with PostgreSQL (a store
+    other nodes may share) only files older than the dead-age, as `pacs serve` does."""
+    staging = load(filled).storage.root / ".staging"
+    fresh, old = staging / "tmpfresh.tmp", staging / "tmpold.tmp"
+    for leftover in (fresh, old):
+        leftover.write_bytes(b"\0" * 100)
+    an_hour_ago = time.time() - 3600  # older than the default dead-age (2 x (60 + 60) + 60 s)
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    args = ("import", "--no-progress", str(tmp_path / "source" / "study")) if command == "import" \
+        else ("reindex", "--no-progress")
+    assert run_pacs(*args, config=filled).returncode == 0
+    assert sorted(staging.iterdir()) == ([fresh] if database_url else [])
 
 
 def test_reindex_warns_of_patient_name_conflicts(tmp_path, database_url):

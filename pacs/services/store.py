@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from pydicom import Dataset
 from pynetdicom.association import Association
@@ -26,12 +26,17 @@ from pacs.statuses import (
 
 log = logging.getLogger(__name__)
 _receive_folder: Path | None = None
+_check_space: Callable[[], None] | None = None
 
 
-def receive_into(folder: Path | None) -> None:
-    """Make new receive files in `folder` (None: the system temp folder)."""
-    global _receive_folder
-    _receive_folder = folder
+def receive_into(folder: Path | None, check_space: Callable[[], None] | None = None) -> None:
+    """Make new receive files in `folder` (None: the system temp folder).
+
+    `check_space` (the archive's free-space reserve) runs before each file is
+    opened and raises OutOfResources to refuse a transfer before it writes.
+    """
+    global _receive_folder, _check_space
+    _receive_folder, _check_space = folder, check_space
 
 
 class ReceiveFile:
@@ -39,17 +44,24 @@ class ReceiveFile:
 
     pynetdicom creates and writes it on the association's network thread, where
     an OSError (unwritable staging folder, full disk) would kill the association
-    without any response. Here the first error is kept and further data dropped,
-    so the handler can answer 0xA700 and the association goes on.
+    without any response. Here the first problem is kept and further data
+    dropped, so the handler can answer 0xA700 and the association goes on. Below
+    the free-space reserve no file is made at all: nothing is written.
     """
 
-    def __init__(self, folder: Path | None):
-        self.error: OSError | None = None
+    def __init__(self, folder: Path | None, check_space: Callable[[], None] | None = None):
+        self.refusal: str | None = None  # why the data set is not kept: the ErrorComment
+        self.name = ""  # no file yet; pynetdicom's later unlink("") fails quietly
         self._fp: BinaryIO | None = None
         try:
+            if check_space is not None:
+                check_space()
             fd, self.name = tempfile.mkstemp(suffix=".dcm", dir=folder)
+        except OutOfResources as exc:
+            self.refusal = str(exc)
+            return
         except OSError as exc:
-            self.error, self.name = exc, ""  # no file; pynetdicom's later unlink("") fails quietly
+            self.refusal = _cannot_write(exc)
             log.error("cannot create a receive file in %s: %s", folder, exc)
             return
         self._fp = os.fdopen(fd, "wb")
@@ -80,7 +92,7 @@ class ReceiveFile:
             try:
                 fp.close()
             except OSError as exc:
-                self.error = self.error or exc
+                self.refusal = self.refusal or _cannot_write(exc)
 
     def discard(self) -> None:
         """Close and delete the file: a failed write or a transfer that never completed."""
@@ -93,13 +105,17 @@ class ReceiveFile:
 
     def _fail(self, exc: OSError) -> None:
         log.error("cannot write received data to %s: %s", self.name, exc)
-        self.error = exc
+        self.refusal = _cannot_write(exc)
         self.discard()
+
+
+def _cannot_write(exc: OSError) -> str:
+    return f"cannot write the received data: {exc.strerror or exc}"
 
 
 def open_receive_file(*_args: object, **_kwargs: object) -> ReceiveFile:
     """Stands in for pynetdicom's NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")."""
-    return ReceiveFile(_receive_folder)
+    return ReceiveFile(_receive_folder, _check_space)
 
 
 def discard_partial(event: Event) -> None:
@@ -136,11 +152,10 @@ def receive_store(archive: Archive, assoc: Association, affected: str,
 def _store(archive: Archive, assoc: Association, affected: str, received: ReceiveFile) -> Dataset:
     if not allowed(assoc, "store"):
         return status(NOT_PERMITTED, REFUSAL)  # the caller deletes the received file
-    if received.error is not None:
-        problem = f"cannot write the received data: {received.error.strerror or received.error}"
+    if received.refusal is not None:
         log.error("#%d C-STORE from %s refused (0xA700): %s", activity.number(assoc),
-                  assoc.requestor.ae_title, problem)
-        return status(OUT_OF_RESOURCES, problem)
+                  assoc.requestor.ae_title, received.refusal)
+        return status(OUT_OF_RESOURCES, received.refusal)
     try:
         result = archive.ingest(Path(received.name), affected_sop_uid=affected, owned=True)
     except InvalidInstance as exc:

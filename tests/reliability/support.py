@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import random
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
+from typing import Callable
 
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -14,9 +19,10 @@ from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformati
 
 from pacs.config import load
 from pacs.index.models import Instance
-from tests.conftest import ServeProcess, dataset_bytes, open_index, run_pacs
+from tests.conftest import ServeProcess, dataset_bytes, open_index
 from tests.dicomgen import make_instance, uid
 from tests.reliability.raw import send_store
+from tests.test_workers import children
 
 SETSID = Path("/usr/bin/setsid")
 FIND_CHUNK = 200  # SOP Instance UIDs per C-FIND identifier
@@ -60,7 +66,9 @@ class StoreLoop(threading.Thread):
     def run(self) -> None:
         ae = AE(ae_title="CRASHSCU")
         ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-        ae.dimse_timeout = ae.acse_timeout = 30
+        # A response lost when the node is killed (pynetdicom does not always notice the
+        # abort while it waits) holds the sender this long; the node answers in well under 1 s.
+        ae.dimse_timeout = ae.acse_timeout = 10
         number = 0
         while not self.stop.is_set():
             assoc = ae.associate("127.0.0.1", self.port, ae_title="MINIPACS")
@@ -142,11 +150,37 @@ def stored_bytes(config_path: Path, uids: list[str]) -> dict[str, bytes]:
     return {sop: dataset_bytes(store / relpath) for sop, relpath in rows.items()}
 
 
+def index_rows(database: str, sop_uid: str | None = None) -> int | None:
+    """Instance rows (of one SOP Instance UID) in a SQLite index, read beside the process
+    writing it without taking any lock a writer waits for; None while there is no table."""
+    where, params = ("WHERE sop_uid = ?", (sop_uid,)) if sop_uid else ("", ())
+    try:
+        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)) as db:
+            return db.execute(f"SELECT count(*) FROM instance {where}", params).fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet, or dropped by reindex just now
+        return None
+
+
+def verifying(config_path: Path) -> Callable[[], list[str]]:
+    """Start `pacs verify`; the returned function waits for its problem lines.
+
+    It only reads, so it can run beside a node's start and the C-FIND checks.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "pacs", "verify", "--no-progress",
+                             "--config", str(config_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def problems() -> list[str]:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode in (0, 1), err
+        return out.splitlines()[:-1]  # the last line is the summary
+
+    return problems
+
+
 def verify_problems(config_path: Path) -> list[str]:
-    """`pacs verify`'s problem lines (its last line is the summary)."""
-    result = run_pacs("verify", "--no-progress", config=config_path)
-    assert result.returncode in (0, 1), result.stderr
-    return result.stdout.splitlines()[:-1]
+    """`pacs verify`'s problem lines."""
+    return verifying(config_path)()
 
 
 def echo_ok(port: int) -> bool:
@@ -166,6 +200,11 @@ def proc_status(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def serving_pids(proc, workers: int) -> list[int]:
+    """The processes that run associations: `pacs serve` itself, or its workers."""
+    return sorted(children(proc.proc.pid)) if workers > 1 else [proc.proc.pid]
 
 
 def wait_for(condition, timeout: float) -> None:

@@ -2,8 +2,9 @@
 
 The promise checked after every restart: each instance a sender saw answered
 0x0000 is findable by C-FIND and its stored file, found through its index row,
-holds the sent bytes; no index row lacks its file; staging was emptied at
-start. A crash may leave a file without a row (renamed, not yet committed,
+holds the sent bytes; every few cycles and at the end a random sample comes
+back by C-GET with the sent bytes; no index row lacks its file; staging was
+emptied at start. A crash may leave a file without a row (renamed, not yet committed,
 never acknowledged): `pacs verify` names it and a re-run or `pacs reindex`
 adopts it, as the README says.
 """
@@ -21,29 +22,42 @@ import pytest
 
 from pacs.config import Config, load
 from pacs.index.models import Instance
-from tests.conftest import open_index, run_pacs, staging_files, store_files, write_config
+from tests.conftest import open_index, run_pacs, staging_files, write_config
 from tests.dicomgen import make_study
+from tests.retrieve_support import Receiver, counts, identifier
 from tests.reliability.conftest import scale
 from tests.reliability.support import (
-    SETSID, StoreLoop, find_uids, start_serve, stored_bytes, verify_problems,
+    SETSID, StoreLoop, find_uids, index_rows, start_serve, stored_bytes, verify_problems, verifying,
 )
 from tests.test_workers import children
 
 SENDERS = 4
+GET_SAMPLE, GET_EVERY = 20, 5  # acknowledged instances C-GET'd back, every few cycles and at the end
 # A file renamed into place whose row was not committed when the node died.
 ALLOWED_AFTER_CRASH = ("file without row:",)
 
 
 def check_promise(proc, acked: dict[str, bytes]) -> None:
     """Every acknowledged instance is findable and stored byte for byte; the index is sound."""
+    verified = verifying(proc.config_path)  # reads beside the C-FINDs (not the start: locks)
     uids = sorted(acked)
     missing = set(uids) - find_uids(proc.port, uids)
     assert not missing, f"{len(missing)} acknowledged instances not found, e.g. {sorted(missing)[:3]}"
     stored = stored_bytes(proc.config_path, uids)
     wrong = [u for u in uids if stored.get(u) != acked[u]]
     assert not wrong, f"{len(wrong)} acknowledged instances differ from what was sent: {wrong[:3]}"
-    problems = [p for p in verify_problems(proc.config_path) if not p.startswith(ALLOWED_AFTER_CRASH)]
+    problems = [p for p in verified() if not p.startswith(ALLOWED_AFTER_CRASH)]
     assert problems == []
+
+
+def check_retrieval(proc, acked: dict[str, bytes], rng: random.Random) -> None:
+    """A random sample of the acknowledged instances comes back by C-GET with the bytes sent."""
+    sample = rng.sample(sorted(acked), min(GET_SAMPLE, len(acked)))
+    receiver = Receiver()
+    _, final, _ = receiver.get(proc, identifier("IMAGE", SOPInstanceUID=sample))
+    assert final.Status == 0 and counts(final) == (len(sample), 0, 0), final
+    got = {sop: data for sop, (_, data) in receiver.received.items()}
+    assert got == {sop: acked[sop] for sop in sample}
 
 
 def plant_stray(config: Config) -> Path:
@@ -82,6 +96,8 @@ def test_kill9_loop_loses_no_acknowledged_instance(tmp_path, rng, workers, cycle
             assert not stray.exists(), "stray staging file survived the restart"
             assert staging_files(proc.config) == []
             check_promise(proc, acked)
+            if cycle and cycle % GET_EVERY == 0:
+                check_retrieval(proc, acked, rng)
             # each sender its own generator: threads drawing from one would race
             senders = [StoreLoop(proc.port, f"C{cycle}S{i}", random.Random(rng.random()))
                        for i in range(SENDERS)]
@@ -102,13 +118,14 @@ def test_kill9_loop_loses_no_acknowledged_instance(tmp_path, rng, workers, cycle
             acked.update(sender.acked)
             refused += sender.refused
         print(f"cycle {cycle}: {len(acked)} acknowledged so far, {time.monotonic() - began:.0f} s")
+    assert acked, "no store was ever acknowledged"
     proc = start_serve(config_path)
     try:
         check_promise(proc, acked)
+        check_retrieval(proc, acked, rng)
         assert proc.terminate() == 0
     finally:
         proc.kill()
-    assert acked, "no store was ever acknowledged"
     assert refused == []
 
 
@@ -118,62 +135,70 @@ def pacs_command(*args: str, config: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def kill_when(proc: subprocess.Popen, condition) -> bool:
-    """SIGKILL `proc` as soon as `condition()` holds; False if it ended first."""
+def kill_working(proc: subprocess.Popen, condition) -> int | None:
+    """SIGKILL `proc` as soon as `condition()` returns a row count; that count.
+
+    Fails if the command ended first: the kill must land while it works.
+    """
     while proc.poll() is None:
-        if condition():
+        rows = condition()
+        if rows is not None:
             proc.kill()
             proc.wait()
-            return True
+            return rows
         time.sleep(0.002)
-    return False
+    pytest.fail(f"the command ended (exit {proc.returncode}) before the moment to kill it")
 
 
-def assert_recovered(config: Path, total: int) -> None:
+def assert_rerun_recovers(config: Path, command: tuple[str, ...], total: int) -> None:
+    """After the kill: the index is sound; the re-run cleans staging and completes the work."""
+    crashed = verify_problems(config)
+    assert not [p for p in crashed if not p.startswith(ALLOWED_AFTER_CRASH)], crashed
+    stray = plant_stray(load(config))  # beside any file the kill left there
+    rerun = run_pacs(*command, "--no-progress", config=config)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert not stray.exists() and staging_files(load(config)) == []
     assert verify_problems(config) == []
     with open_index(config):
         assert Instance.select().count() == total
 
 
-@pytest.mark.parametrize("cycles", [scale(2, 15)])
+@pytest.mark.parametrize("cycles", [scale(3, 15)])
 def test_kill9_during_import_then_rerun_is_consistent(tmp_path, rng, cycles):
-    """SIGKILL `pacs import` after a random number of files reached the store."""
+    """SIGKILL `pacs import` once a random number of its files (1 to 3/4) have index rows."""
     total = 100
     for cycle in range(cycles):
         folder = tmp_path / f"in{cycle}"
         make_study(folder, patient_id=f"IMP{cycle}", series=4, per_series=total // 4)
         (tmp_path / f"node{cycle}").mkdir()
         config = write_config(tmp_path / f"node{cycle}")
-        after = rng.randrange(1, total)
-        killed = kill_when(pacs_command("import", str(folder), config=config),
-                           lambda: len(store_files(load(config))) >= after)
-        print(f"cycle {cycle}: import killed after {after} files: {killed}")
-        crashed = verify_problems(config)
-        assert not [p for p in crashed if not p.startswith(ALLOWED_AFTER_CRASH)], crashed
-        rerun = run_pacs("import", "--no-progress", str(folder), config=config)
-        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-        assert_recovered(config, total)
+        database = load(config).database.url.removeprefix("sqlite:///")
+        after = rng.randrange(1, total * 3 // 4)
+        rows = kill_working(pacs_command("import", str(folder), config=config),
+                            lambda: n if (n := index_rows(database) or 0) >= after else None)
+        left = [p.name for p in staging_files(load(config))]
+        print(f"cycle {cycle}: import killed at {rows} rows (aim {after}), staging left {left}")
+        assert after <= index_rows(database) < total, "killed before its first row or after its last"
+        assert_rerun_recovers(config, ("import", str(folder)), total)
 
 
-@pytest.mark.parametrize("cycles", [scale(2, 15)])
-def test_kill9_during_reindex_then_rerun_is_consistent(tmp_path, rng, cycles):
-    """SIGKILL `pacs reindex` at a random moment of its run (timed by one whole run first)."""
-    total = 600  # more than one reindex batch
+@pytest.mark.parametrize("cycles", [scale(3, 15)])
+def test_kill9_during_reindex_then_rerun_is_consistent(tmp_path, cycles):
+    """SIGKILL `pacs reindex` once it emptied the index, or (every other cycle) once it
+    committed its first batch."""
+    total = 600  # more than one reindex batch (500)
     folder = tmp_path / "in"
     make_study(folder, patient_id="REIDX", series=6, per_series=total // 6)
     config = write_config(tmp_path)
+    database = load(config).database.url.removeprefix("sqlite:///")
     assert run_pacs("import", "--no-progress", str(folder), config=config).returncode == 0
-    began = time.monotonic()
-    assert run_pacs("reindex", "--no-progress", config=config).returncode == 0
-    duration = time.monotonic() - began
     for cycle in range(cycles):
-        delay = rng.uniform(0, duration)
-        proc = pacs_command("reindex", config=config)
-        deadline = time.monotonic() + delay
-        killed = kill_when(proc, lambda: time.monotonic() >= deadline)
-        print(f"cycle {cycle}: reindex killed after {delay:.2f} of {duration:.2f} s: {killed}")
-        crashed = verify_problems(config)
-        assert not [p for p in crashed if not p.startswith(ALLOWED_AFTER_CRASH)], crashed
-        rerun = run_pacs("reindex", "--no-progress", config=config)
-        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-        assert_recovered(config, total)
+        moment = ("emptied", "refilling")[cycle % 2]
+        if moment == "emptied":  # dropped or recreated empty, no batch committed yet
+            condition = lambda: 0 if index_rows(database) in (None, 0) else None  # noqa: E731
+        else:
+            condition = lambda: n if 0 < (n := index_rows(database) or 0) < total else None  # noqa: E731
+        rows = kill_working(pacs_command("reindex", config=config), condition)
+        print(f"cycle {cycle}: reindex killed once {moment}, at {rows} rows")
+        assert (index_rows(database) or 0) < total, "killed after its last batch"
+        assert_rerun_recovers(config, ("reindex",), total)

@@ -18,7 +18,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as S
 
 from tests.conftest import staging_files, stored_path
 from tests.dicomgen import make_instance, make_study
-from tests.reliability.support import echo_ok, store_one, verify_problems
+from tests.reliability.support import echo_ok, index_rows, store_one, verify_problems
 from tests.retrieve_support import RecordingSCP, counts, failed_uids, identifier, retrieve, store
 
 MiB = 1 << 20
@@ -26,10 +26,28 @@ SETPRIV = Path("/usr/bin/setpriv")
 
 
 def assert_refused(proc, ds: Dataset, words: str) -> None:
+    """0xA700 with an ErrorComment naming the problem; no file, no staging leftover, no row."""
     answer = store_one(proc, ds)
     assert answer.Status == 0xA700 and words in answer.ErrorComment, answer
     assert not stored_path(proc.config, ds.SOPInstanceUID).exists()
     assert staging_files(proc.config) == []
+    assert index_rows(database(proc), str(ds.SOPInstanceUID)) == 0
+
+
+def database(proc) -> str:
+    return proc.config.database.url.removeprefix("sqlite:///")
+
+
+def unprivileged() -> tuple[str, ...]:
+    """The command prefix that makes file modes bind the node: as root, setpriv without
+    CAP_DAC_OVERRIDE (root ignores modes otherwise), so refusals are real write errors."""
+    if os.geteuid() != 0:
+        return ()
+    return (str(SETPRIV), "--bounding-set=-dac_override,-dac_read_search", "--")
+
+
+needs_modes = pytest.mark.skipif(os.geteuid() == 0 and not SETPRIV.exists(),
+                                 reason="root ignores file modes, and setpriv to drop that is missing")
 
 
 def test_free_space_reserve_is_checked_live(serve_process, tmp_path):
@@ -50,28 +68,25 @@ def test_free_space_reserve_is_checked_live(serve_process, tmp_path):
     ballast = proc.config.storage.root.parent / "ballast"
     with open(ballast, "wb") as fp:
         os.posix_fallocate(fp.fileno(), 0, 512 * MiB)
+    staging = proc.config.storage.root / ".staging"
     try:
+        os.utime(staging, ns=(0, 0))  # making (and deleting) a receive file would set it to now
         assert_refused(proc, second, "free-space reserve")
+        assert staging.stat().st_mtime_ns == 0, "the refused transfer was written to staging"
     finally:
         ballast.unlink()
     assert store_one(proc, second).Status == 0
     assert verify_problems(proc.config_path) == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0 and not SETPRIV.exists(),
-                    reason="root ignores file modes, and setpriv to drop that is missing")
+@needs_modes
 def test_unwritable_store_refuses_then_recovers(serve_process, rng):
-    """chmod the store and staging read-only and back, several times, at random.
-
-    Root ignores file modes (CAP_DAC_OVERRIDE), so as root the node runs under
-    setpriv without that capability: the refusals are real write errors.
-    """
-    prefix = ()
-    if os.geteuid() == 0:
-        prefix = (str(SETPRIV), "--bounding-set=-dac_override,-dac_read_search", "--")
-    proc = serve_process(prefix=prefix)
+    """chmod the store and staging read-only and back, several times, in random order
+    (at least once each way)."""
+    proc = serve_process(prefix=unprivileged())
     folders = (proc.config.storage.root, proc.config.storage.root / ".staging")
-    writable = [rng.random() < 0.5 for _ in range(8)]
+    writable = [True, False] + [rng.random() < 0.5 for _ in range(6)]
+    rng.shuffle(writable)
     try:
         for n, state in enumerate(writable):
             for folder in folders:
@@ -88,6 +103,35 @@ def test_unwritable_store_refuses_then_recovers(serve_process, rng):
     assert verify_problems(proc.config_path) == []
 
 
+@needs_modes
+def test_unwritable_shard_folder_refuses_then_recovers(serve_process):
+    """Staging takes the data but the rename into root/ab/cd fails: the target shard
+    folder is read-only, or its parent is (the shard folder is still to be made)."""
+    proc = serve_process(prefix=unprivileged())
+    root = proc.config.storage.root
+    first = make_instance(patient_id="SHARD", number=1)
+    shard = stored_path(proc.config, first.SOPInstanceUID).parent
+    # a second instance in another top-level folder: its "ab" is blocked, "cd" is missing
+    second = next(ds for ds in (make_instance(patient_id="SHARD", number=n) for n in range(2, 99))
+                  if stored_path(proc.config, ds.SOPInstanceUID).parent.parent != shard.parent)
+    top = stored_path(proc.config, second.SOPInstanceUID).parent.parent
+    cases = ((first, shard), (second, top))
+    for _, blocked in cases:
+        blocked.mkdir(parents=True)
+        blocked.chmod(0o500)
+    try:
+        for ds, _ in cases:
+            assert_refused(proc, ds, "cannot write the file")
+    finally:
+        for _, blocked in cases:
+            blocked.chmod(0o755)
+    for ds, _ in cases:
+        assert store_one(proc, ds).Status == 0
+        assert stored_path(proc.config, ds.SOPInstanceUID).is_file()
+        assert index_rows(database(proc), str(ds.SOPInstanceUID)) == 1
+    assert verify_problems(proc.config_path) == []
+
+
 LOCKER = """
 import sqlite3, sys
 db = sqlite3.connect(sys.argv[1], isolation_level=None)
@@ -100,8 +144,7 @@ sys.stdin.read()
 def test_locked_index_refuses_then_recovers(serve_process):
     """Another process holds the SQLite write lock past the busy timeout (10 s)."""
     proc = serve_process()
-    database = proc.config.database.url.removeprefix("sqlite:///")
-    locker = subprocess.Popen([sys.executable, "-c", LOCKER, database], stdin=subprocess.PIPE,
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, database(proc)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert locker.stdout.readline() == "locked\n"

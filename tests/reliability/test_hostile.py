@@ -1,10 +1,12 @@
 """Hostile input: random and mutated PDUs, mutated data sets in C-STORE, SQL in C-FIND keys.
 
-Every case is drawn from the test's seeded `rng`; a failure names the case
-number, and `PACS_SEED` replays the same cases.
+Random cases are drawn from the test's seeded `rng` (the hostile UIDs also run
+as fixed cases, each in every UID field); a failure names the case number, and
+`PACS_SEED` replays the same cases.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import socket
@@ -12,19 +14,24 @@ import struct
 
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from pydicom import Dataset
 from pynetdicom import AE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyRootFind
 
 from tests.conftest import stored_path
 from tests.dicomgen import CT, make_instance, uid
+from tests.find_support import query
 from tests.reliability.conftest import scale
 from tests.reliability.raw import (
     ABORT, RELEASE_RQ, answers_until_close, associate_rq, connect, echo_pdata, send_store,
 )
-from tests.reliability.support import echo_ok, proc_status, store_one, verify_problems, wait_for
+from tests.reliability.support import (
+    echo_ok, proc_status, serving_pids, store_one, verify_problems, wait_for,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on invalid UIDs
 UNKNOWN_TYPES = (0x00, 0x08, 0x09, 0x10, 0x41, 0x7F, 0x80, 0xFF)
@@ -82,11 +89,17 @@ def run_pdu_case(port: int, chunks: list[bytes]) -> list[int]:
         return answers_until_close(sock)
 
 
-def test_random_and_mutated_pdus(serve_process, rng):
-    """The node answers or aborts every broken association, keeps serving, and leaks nothing."""
-    cases = scale(1000, 10000)
-    proc = serve_process(network={"max_associations": 64})
-    threads_before = proc_status(proc.proc.pid, "Threads")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_random_and_mutated_pdus(serve_process, rng, workers):
+    """The node answers or aborts every broken association, keeps serving, and leaks nothing.
+
+    With `network.workers: 2` the connections go through the supervisor's hand-off;
+    no worker may die (and be replaced) on the way.
+    """
+    cases = scale(500, 5000)  # per worker setting
+    proc = serve_process(network={"max_associations": 64, "workers": workers})
+    serving = serving_pids(proc, workers)
+    threads_before = {pid: proc_status(pid, "Threads") for pid in serving}
     drawn = [pdu_case(rng) for _ in range(cases)]
     outcomes: Counter = Counter()
 
@@ -102,11 +115,12 @@ def test_random_and_mutated_pdus(serve_process, rng):
         for kind, answers in pool.map(run, range(cases)):
             outcomes[(kind, "+".join(sorted({PDU_NAMES.get(a, hex(a)) for a in answers})) or "closed")] += 1
     print(f"{cases} PDU cases, (kind, PDU types answered): {sorted(outcomes.items())}")
-    assert proc.proc.poll() is None
+    assert proc.proc.poll() is None and serving_pids(proc, workers) == serving
     assert echo_ok(proc.port)
     # Every association thread ended; no forged length cost its claimed size in memory.
-    wait_for(lambda: proc_status(proc.proc.pid, "Threads") <= threads_before + 2, timeout=30)
-    assert proc_status(proc.proc.pid, "VmHWM") < 1 << 20  # kB: 1 GiB
+    wait_for(lambda: all(proc_status(pid, "Threads") <= threads_before[pid] + 2
+                         for pid in serving), timeout=30)
+    assert max(proc_status(pid, "VmHWM") for pid in serving) < 1 << 20  # kB: 1 GiB
     # pynetdicom 3.0 logs tracebacks of its own for undecodable PDUs, and its DUL thread dies
     # on a state-machine race (Evt7 in Sta13) that ends that connection; none may pass our code.
     assert f"{os.sep}pacs{os.sep}" not in proc.log_text().replace(f"{os.sep}pacs{os.sep}pacs.yaml", "")
@@ -132,22 +146,41 @@ def elements(data: bytes) -> list[tuple[int, int, int]]:
     return found
 
 
+# Where a hostile UID goes: a data set element, the request's Affected SOP Instance UID, or both.
+UID_FIELDS = ("SOPInstanceUID", "SOPInstanceUID+affected", "StudyInstanceUID",
+              "SeriesInstanceUID", "SOPClassUID", "affected")
+
+
+def uid_case(bad: str, field: str, n: int) -> tuple[str, str, str, bytes]:
+    """A sound instance with one hostile UID in `field` (see UID_FIELDS); as dataset_case."""
+    sop = uid("hostile", n)
+    ds = make_instance(patient_id=f"H{n}", sop=sop)
+    keyword = field.removesuffix("+affected")
+    if keyword != "affected":
+        setattr(ds, keyword, bad)
+    affected = bad if field.endswith("affected") else sop
+    return f"{field}={bad!r}", CT, affected, encode(ds, False, True)
+
+
+def escape_targets(bases: set[Path]) -> set[Path]:
+    """The paths a hostile UID would name, as itself or with .dcm, joined to any of `bases`
+    (cut at a NUL, as the C library would)."""
+    targets = {Path("/tmp/pacs-escape")}
+    for base in bases:
+        for bad in HOSTILE_UIDS:
+            for name in (bad, bad + ".dcm"):
+                name = name.split("\0")[0]
+                if name.strip():
+                    targets.add(Path(os.path.normpath(base / name)))
+    return targets
+
+
 def dataset_case(rng: random.Random, n: int) -> tuple[str, str, str, bytes]:
     """(what, Affected SOP Class UID, Affected SOP Instance UID, data set bytes)."""
-    from pynetdicom.dsutils import encode
-
     what = rng.choice(("uid", "uid", "length", "huge", "unclosed", "truncate", "flip"))
-    sop = uid("hostile", n)
     if what == "uid":
-        bad = rng.choice(HOSTILE_UIDS)
-        keyword = rng.choice(("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                              "SOPClassUID", "affected"))
-        ds = make_instance(patient_id=f"H{n}", sop=sop)
-        if keyword == "affected":
-            return f"affected={bad!r}", CT, bad, encode(ds, False, True)
-        setattr(ds, keyword, bad)
-        affected = bad if keyword == "SOPInstanceUID" and rng.random() < 0.7 else sop
-        return f"{keyword}={bad!r}", CT, affected, encode(ds, False, True)
+        return uid_case(rng.choice(HOSTILE_UIDS), rng.choice(UID_FIELDS), n)
+    sop = uid("hostile", n)
     data = bytearray(encode(make_instance(patient_id=f"H{n}", sop=sop, rows=16, cols=16),
                             False, True))
     offset, at, width = rng.choice(elements(bytes(data)))
@@ -166,13 +199,18 @@ def dataset_case(rng: random.Random, n: int) -> tuple[str, str, str, bytes]:
 
 
 def test_mutated_datasets_are_refused_or_stored_safely(serve_process, rng):
-    cases = scale(300, 3000)
+    """Every hostile UID in every UID field (fixed cases), then random mutations."""
     proc = serve_process()
     folder = proc.config_path.parent
+    store_root = proc.config.storage.root
+    fixed = [uid_case(bad, field, n) for n, (bad, field) in
+             enumerate(itertools.product(HOSTILE_UIDS, UID_FIELDS))]
+    cases = fixed + [dataset_case(rng, n) for n in range(len(fixed), scale(300, 3000))]
+    bases = {Path("/"), Path.cwd(), folder, store_root, store_root / ".staging"}
     before = {p for p in folder.rglob("*")}
+    existed = {p for p in escape_targets(bases) if p.exists()}
     outcomes: Counter = Counter()
-    for n in range(cases):
-        what, sop_class, affected, data = dataset_case(rng, n)
+    for n, (what, sop_class, affected, data) in enumerate(cases):
         answer = send_store(proc.port, sop_class, affected, data)
         if isinstance(answer, int) or answer == "closed":
             # pynetdicom itself aborts on a command set it cannot turn into a C-STORE
@@ -188,9 +226,15 @@ def test_mutated_datasets_are_refused_or_stored_safely(serve_process, rng):
         else:
             assert answer.get("ErrorComment"), f"case {n} ({what}): 0x{status:04X} without comment"
         outcomes[(what.split("=")[0].split(" at ")[0], f"0x{status:04X}")] += 1
-    print(f"{cases} data set cases, (mutation, status): {sorted(outcomes.items())}")
+    print(f"{len(cases)} data set cases ({len(fixed)} fixed), (mutation, status): "
+          f"{sorted(outcomes.items())}")
     assert proc.proc.poll() is None and echo_ok(proc.port)
-    store_root = proc.config.storage.root
+    # No hostile UID became a path: from the store, its staging and shard folders, the
+    # node's folder and working directory, the root (the layout's own folders aside).
+    layout = {store_root, *store_root.glob("*"), *store_root.glob("*/*")}
+    shards = {p for p in layout if p.is_dir()}
+    escaped = {p for p in escape_targets(bases | shards) if p.exists()} - existed - layout
+    assert not escaped, escaped
     outside = {p for p in folder.rglob("*") if store_root not in p.parents and p != store_root}
     assert outside - before <= {folder / "data" / name for name in (
         "index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "index.sqlite-writer")}
@@ -199,28 +243,52 @@ def test_mutated_datasets_are_refused_or_stored_safely(serve_process, rng):
 
 SQL_STUDY = {"PatientName": "O'BRIEN^ANN", "PatientID": "ID'1;", "AccessionNumber": "100%",
              "StudyDescription": "A_B; DROP TABLE study; --", "StudyID": "S_1'",
-             "ReferringPhysicianName": "D'OC^%", "InstitutionName": "X'Y%Z_"}
+             "ReferringPhysicianName": "D'OC^%", "InstitutionName": "X'Y%Z_",
+             "PatientBirthDate": "19800229", "SeriesDescription": "S'1_%", "SeriesNumber": 12,
+             "InstanceNumber": 7}
 DECOY = {"PatientName": "OXBRIEN^ANN", "PatientID": "ID11", "AccessionNumber": "1000",
          "StudyDescription": "AXB", "StudyID": "SX1", "ReferringPhysicianName": "DXOC^X",
-         "InstitutionName": "XXYXZX"}
-SQL_QUERIES = [  # (key, value, which studies match: "sql", "decoy")
-    ("PatientName", "O'BRIEN^ANN", {"sql"}), ("PatientName", "O_BRIEN^ANN", set()),
-    ("PatientName", "O%", set()), ("PatientName", "O'BRIEN*", {"sql"}),
-    ("PatientID", "ID'1;", {"sql"}), ("PatientID", "ID_1;", set()), ("PatientID", "ID%", set()),
-    ("AccessionNumber", "100%", {"sql"}), ("AccessionNumber", "100_", set()),
-    ("AccessionNumber", "100%\\1000", {"sql", "decoy"}),
-    ("StudyDescription", "A_B; DROP TABLE study; --", {"sql"}), ("StudyDescription", "A%B", set()),
-    ("StudyDescription", "A_B*", {"sql"}), ("StudyID", "S_1'", {"sql"}), ("StudyID", "S%", set()),
-    ("ReferringPhysicianName", "D'OC^%", {"sql"}), ("ReferringPhysicianName", "D_OC^_", set()),
-    ("InstitutionName", "X'Y%Z_", {"sql"}), ("InstitutionName", "X_Y_Z%", set()),
-    ("ModalitiesInStudy", "C%", set()), ("ModalitiesInStudy", "CT'; --", set()),
-    ("StudyDate", "2024'0102", set()), ("StudyTime", "10%", set()),
-    ("StudyInstanceUID", "1.2'; DROP TABLE study; --", set()),
+         "InstitutionName": "XXYXZX", "SeriesDescription": "SX1XX", "SeriesNumber": 1,
+         "InstanceNumber": 71}
+BOTH = {"sql", "decoy"}
+SQL_QUERIES = [  # (level, key, value, which studies match: "sql", "decoy"); `?` is DICOM's wild card
+    ("STUDY", "PatientName", "O'BRIEN^ANN", {"sql"}), ("STUDY", "PatientName", "O_BRIEN^ANN", set()),
+    ("STUDY", "PatientName", "O%", set()), ("STUDY", "PatientName", "O'BRIEN*", {"sql"}),
+    ("STUDY", "PatientName", "O?BRIEN^ANN", BOTH),
+    ("STUDY", "PatientID", "ID'1;", {"sql"}), ("STUDY", "PatientID", "ID_1;", set()),
+    ("STUDY", "PatientID", "ID%", set()), ("STUDY", "PatientID", "ID?1;", {"sql"}),
+    ("STUDY", "AccessionNumber", "100%", {"sql"}), ("STUDY", "AccessionNumber", "100_", set()),
+    ("STUDY", "AccessionNumber", "100%\\1000", BOTH), ("STUDY", "AccessionNumber", "100?", BOTH),
+    ("STUDY", "StudyDescription", "A_B; DROP TABLE study; --", {"sql"}),
+    ("STUDY", "StudyDescription", "A%B", set()), ("STUDY", "StudyDescription", "A_B*", {"sql"}),
+    ("STUDY", "StudyDescription", "A?B*", BOTH),
+    ("STUDY", "StudyID", "S_1'", {"sql"}), ("STUDY", "StudyID", "S%", set()),
+    ("STUDY", "ReferringPhysicianName", "D'OC^%", {"sql"}),
+    ("STUDY", "ReferringPhysicianName", "D_OC^_", set()),
+    ("STUDY", "InstitutionName", "X'Y%Z_", {"sql"}), ("STUDY", "InstitutionName", "X_Y_Z%", set()),
+    ("STUDY", "ModalitiesInStudy", "C%", set()), ("STUDY", "ModalitiesInStudy", "CT'; --", set()),
+    ("STUDY", "StudyDate", "2024'0102", set()), ("STUDY", "StudyTime", "10%", set()),
+    ("STUDY", "StudyInstanceUID", "1.2'; DROP TABLE study; --", set()),
+    ("STUDY", "PatientBirthDate", "19800229", {"sql"}), ("STUDY", "PatientBirthDate", "1980%", set()),
+    ("STUDY", "PatientBirthDate", "1980022_", set()), ("STUDY", "PatientBirthDate", "1980022?", set()),
+    ("STUDY", "PatientBirthDate", "1980'0229", set()),
+    ("SERIES", "SeriesDescription", "S'1_%", {"sql"}), ("SERIES", "SeriesDescription", "S_1__", set()),
+    ("SERIES", "SeriesDescription", "S%", set()), ("SERIES", "SeriesDescription", "S?1??", BOTH),
+    ("SERIES", "SeriesDescription", "S'1?%", {"sql"}), ("SERIES", "Modality", "C_", set()),
+    ("SERIES", "Modality", "C?", BOTH), ("SERIES", "BodyPartExamined", "%", set()),
+    ("SERIES", "SeriesNumber", "12", {"sql"}), ("SERIES", "SeriesNumber", "1%", set()),
+    ("SERIES", "SeriesNumber", "1_", set()), ("SERIES", "SeriesNumber", "1?", set()),
+    ("SERIES", "SeriesNumber", "1'; --", set()), ("SERIES", "SeriesInstanceUID", "1.2%", set()),
+    ("IMAGE", "InstanceNumber", "7", {"sql"}), ("IMAGE", "InstanceNumber", "7%", set()),
+    ("IMAGE", "InstanceNumber", "7_", set()), ("IMAGE", "InstanceNumber", "7?", set()),
+    ("IMAGE", "InstanceNumber", "7'; --", set()), ("IMAGE", "SOPInstanceUID", "%", set()),
+    ("IMAGE", "SOPInstanceUID", "1.2'; DROP TABLE instance; --", set()),
 ]
 
 
 def test_find_keys_with_sql_metacharacters_are_literals(serve_process):
-    """', ;, %, _ and \\ in keys of every kind match only themselves (\\ separates values)."""
+    """', ;, %, _ and \\ in keys of every kind (text, IS, DA, UI; STUDY, SERIES and IMAGE
+    level) match only themselves (\\ separates values); `?` stays DICOM's one-character wild card."""
     proc = serve_process()
     studies = {"sql": make_instance(patient_id=SQL_STUDY["PatientID"], **{
                    k: v for k, v in SQL_STUDY.items() if k != "PatientID"}),
@@ -229,26 +297,24 @@ def test_find_keys_with_sql_metacharacters_are_literals(serve_process):
     for ds in studies.values():
         assert store_one(proc, ds).Status == 0
     by_uid = {str(ds.StudyInstanceUID): name for name, ds in studies.items()}
-    for key, value, expected in SQL_QUERIES:
-        statuses, found = study_find(proc.port, key, value)
+    for level, key, value, expected in SQL_QUERIES:
+        statuses, found = level_find(proc.port, level, key, value)
         assert statuses[-1] in (0x0000, 0xA900), f"{key}={value!r}: 0x{statuses[-1]:04X}"
-        assert {by_uid[uid] for uid in found} == expected, f"{key}={value!r}"
-    statuses, found = study_find(proc.port, "PatientID", "")
-    assert statuses[-1] == 0 and {by_uid[uid] for uid in found} == {"sql", "decoy"}
+        assert {by_uid[uid] for uid in found} == expected, f"{level} {key}={value!r}"
+    statuses, found = level_find(proc.port, "STUDY", "PatientID", "")
+    assert statuses[-1] == 0 and {by_uid[uid] for uid in found} == BOTH
 
 
-def study_find(port: int, key: str, value: str) -> tuple[list[int], set[str]]:
-    """(every status, the StudyInstanceUIDs found) of one STUDY-level Study Root C-FIND."""
+def level_find(port: int, level: str, key: str, value: str) -> tuple[list[int], set[str]]:
+    """(every status, the StudyInstanceUIDs of the matches) of one Study Root C-FIND."""
     ae = AE(ae_title="SQLFIND")
     ae.add_requested_context(StudyRootFind)
     assoc = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
     assert assoc.is_established
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = ""
-    setattr(query, key, value)
+    raw = value.encode() + b" " * (len(value) % 2)  # as given: pydicom refuses an IS "1%"
+    identifier = query(level, **{"StudyInstanceUID": "", key: raw})
     statuses, found = [], set()
-    for status, identifier in assoc.send_c_find(query, StudyRootFind):
+    for status, identifier in assoc.send_c_find(identifier, StudyRootFind):
         statuses.append(status.get("Status"))
         if status.get("Status") == 0xFF00:
             found.add(str(identifier.StudyInstanceUID))

@@ -75,24 +75,32 @@ STALLS = {
 }
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("stall", STALLS)
-def test_stalled_peer_is_closed_and_frees_its_slot(serve_process, stall):
-    proc = serve_process(network={"max_associations": 1, "acse_timeout": 2, "network_timeout": 2})
-    sock = establish(proc.port, timeout=60) if stall == "stops mid P-DATA" else connect(proc.port, 60)
-    STALLS[stall](sock)
+def test_stalled_peer_is_closed_and_frees_its_slot(serve_process, stall, workers):
+    """One stalled peer per worker fills every slot (max_associations: 1 per worker)."""
+    proc = serve_process(network={"max_associations": 1, "acse_timeout": 2, "network_timeout": 2,
+                                  "workers": workers})
+    socks = []
     try:
+        for _ in range(workers):
+            socks.append(establish(proc.port, timeout=60) if stall == "stops mid P-DATA"
+                         else connect(proc.port, 60))
+            STALLS[stall](socks[-1])
         held, rejection = open_association(proc.port)
         assert not held.is_established and rejection == (
             REJECTED_TRANSIENT, SERVICE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED)
-        try:
-            while sock.recv(65536):  # an A-ABORT may come first; then the close
+        for sock in socks:
+            try:
+                while sock.recv(65536):  # an A-ABORT may come first; then the close
+                    pass
+            except ConnectionResetError:
                 pass
-        except ConnectionResetError:
-            pass
-        except TimeoutError:
-            pytest.fail("the node held the stalled connection for 60 s")
+            except TimeoutError:
+                pytest.fail("the node held the stalled connection for 60 s")
     finally:
-        sock.close()
+        for sock in socks:
+            sock.close()
     deadline = time.monotonic() + 10  # the node frees the slot right after closing
     while not echo_ok(proc.port):
         assert time.monotonic() < deadline, "the slot was not freed"
