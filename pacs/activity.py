@@ -51,10 +51,22 @@ def utcnow() -> datetime:
 
 
 @dataclass
-class _StudyStored:
+class _Stores:
+    """An association's C-STOREs with one outcome: the instances of one study
+    stored (status 0), or those answered with one failure status (study unknown)."""
+
     time: datetime
-    patient_id: str
-    count: int = 0
+    status: int
+    study: str = ""
+    patient_id: str = ""
+    detail: str = ""  # a failure's first ErrorComment
+    done: int = 0
+
+    def row(self) -> dict[str, Any]:
+        stored = self.status == SUCCESS
+        return {"time": self.time, "event": "store", "status": self.status,
+                "count": self.done if stored else 0, "failed": 0 if stored else self.done,
+                "patient_id": self.patient_id, "studies": self.study, "detail": self.detail}
 
 
 class Activity:
@@ -66,14 +78,11 @@ class Activity:
         self.outcome = ""
         self.ended = threading.Event()
         self.operations: Counter[str] = Counter()
-        self.stored: dict[str, _StudyStored] = {}
-        self.store_failed = 0
+        self.stores: dict[tuple[str, int], _Stores] = {}  # by (study, status)
         self.events: list[dict[str, Any]] = []
 
     def audit_rows(self, calling_ae: str, peer: str) -> list[dict[str, Any]]:
-        rows = [{"time": entry.time, "event": "store", "status": 0, "count": entry.count,
-                 "patient_id": entry.patient_id, "studies": study}
-                for study, entry in self.stored.items()]
+        rows = [entry.row() for entry in self.stores.values()]
         rows.extend(self.events)
         for row in rows:
             row.update(calling_ae=calling_ae[:16], peer=peer)
@@ -84,10 +93,10 @@ class Activity:
         parts = []
         for service, count in sorted(self.operations.items()):
             if service == "C-STORE":
-                stored = sum(entry.count for entry in self.stored.values())
-                parts.append(f"C-STORE {count} (stored {stored} in {len(self.stored)} "
-                             f"stud{'y' if len(self.stored) == 1 else 'ies'}, "
-                             f"{self.store_failed} failed)")
+                studies = [e.done for e in self.stores.values() if e.status == SUCCESS]
+                failed = sum(e.done for e in self.stores.values() if e.status != SUCCESS)
+                parts.append(f"C-STORE {count} (stored {sum(studies)} in {len(studies)} "
+                             f"stud{'y' if len(studies) == 1 else 'ies'}, {failed} failed)")
             else:
                 parts.append(f"{service} {count}")
         return ", ".join(parts) or "no operations"
@@ -112,18 +121,21 @@ def count(assoc: Association, service: str) -> None:
 
 def stored(assoc: Association, study_uid: str, patient_id: str) -> None:
     """One instance stored: the hot path, so only counters."""
+    _count_store(assoc, study_uid, SUCCESS, patient_id=patient_id)
+
+
+def store_failed(assoc: Association, code: int, comment: str) -> None:
+    """One C-STORE answered with failure `code` (refused, not permitted, bad data)."""
+    _count_store(assoc, "", code, detail=comment)
+
+
+def _count_store(assoc: Association, study_uid: str, code: int, **first: str) -> None:
     record = activity(assoc)
     record.operations["C-STORE"] += 1
-    entry = record.stored.get(study_uid)
+    entry = record.stores.get((study_uid, code))
     if entry is None:
-        entry = record.stored[study_uid] = _StudyStored(utcnow(), patient_id)
-    entry.count += 1
-
-
-def store_failed(assoc: Association) -> None:
-    record = activity(assoc)
-    record.operations["C-STORE"] += 1
-    record.store_failed += 1
+        entry = record.stores[study_uid, code] = _Stores(utcnow(), code, study_uid, **first)
+    entry.done += 1
 
 
 class Operation:
@@ -216,15 +228,24 @@ def on_close(event: Event, archive: Any) -> None:
     if not caller:  # a TCP probe, a port scan: no A-ASSOCIATE-RQ ever came
         log.debug("connection from %s closed without an association request", peer)
         return
+    request = requestor.primitive
+    called = request.called_ae_title if request is not None else "?"
+    if assoc.is_rejected and assoc.acceptor.primitive is not None:
+        record.events.append(_rejected_event(assoc.acceptor.primitive, called))
     if log.isEnabledFor(logging.INFO):
-        request = requestor.primitive
-        called = request.called_ae_title if request is not None else "?"
         log.info("association #%d %s@%s -> %s: %s after %.3f s; %s", record.number, caller,
                  peer, called, outcome, time.monotonic() - record.started, record.did())
     try:
         archive.record_audit(record.audit_rows(caller, peer))
     except PeeweeException as exc:
         log.error("association #%d: audit events not written: %s", record.number, exc)
+
+
+def _rejected_event(reject: Any, called: str) -> dict[str, Any]:
+    """The audit event of an A-ASSOCIATE-RJ: its status is the reason/diagnostic (PS3.8 9.3.4)."""
+    return {"time": utcnow(), "event": "reject", "status": reject.diagnostic,
+            "detail": f"A-ASSOCIATE-RJ {reject.result_str}, {reject.source_str}: "
+                      f"{reject.reason_str}; called {called}"}
 
 
 def _finish(assoc: Association, record: Activity) -> str:

@@ -118,7 +118,11 @@ def test_store_find_move_get_log_lines_and_audit(serve_process):
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     by_type = {event["event"]: event for event in events}
-    assert sorted(by_type) == ["find", "get", "move", "store"] and len(events) == 4
+    assert sorted(by_type) == ["find", "get", "move", "reject", "store"] and len(events) == 5
+    assert (by_type["reject"]["calling_ae"], by_type["reject"]["status"],
+            by_type["reject"]["detail"]) == (
+        "BADCALLER", 7, "A-ASSOCIATE-RJ Rejected Permanent, Service User: "
+                        "Called AE title not recognised; called NOTTHEPACS")
     assert by_type["store"] | {"time": None, "peer": None} == {
         "time": None, "event": "store", "calling_ae": "MODALITY", "peer": None, "status": 0,
         "count": 3, "failed": 0, "destination": "", "patient_id": PID, "studies": [study_uid],
@@ -146,7 +150,7 @@ def test_store_find_move_get_log_lines_and_audit(serve_process):
     # The audit trail survives a rebuild of the index.
     assert run_pacs("reindex", "--no-progress", config=proc.config_path).returncode == 0
     again = run_pacs("audit", "--since", "1h", config=proc.config_path)
-    assert len(again.stdout.splitlines()) == 4
+    assert len(again.stdout.splitlines()) == 5
 
 
 def test_debug_shows_patient_names_and_each_store(serve_process):

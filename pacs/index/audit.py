@@ -7,7 +7,7 @@ from typing import Any, Iterator, Sequence
 from pacs.index.db import write_transaction
 from pacs.index.models import AuditEvent
 
-EVENT_TYPES = ("store", "find", "move", "get")
+EVENT_TYPES = ("store", "find", "move", "get", "reject")  # reject: A-ASSOCIATE-RJ
 
 
 def write_events(rows: Sequence[dict[str, Any]]) -> None:

@@ -118,7 +118,7 @@ def handle_store(event: Event, archive: Archive) -> Dataset:
     counted for the association's line and audit events (see `pacs.activity`)."""
     answer = _store(event, archive)
     if answer.Status != SUCCESS:
-        activity.store_failed(event.assoc)
+        activity.store_failed(event.assoc, answer.Status, answer.get("ErrorComment", ""))
     return answer
 
 
