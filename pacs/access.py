@@ -30,6 +30,7 @@ from pynetdicom import AE, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.events import Event
 
+from pacs import activity
 from pacs.config import Config
 
 log = logging.getLogger(__name__)
@@ -102,13 +103,16 @@ def guard(ae: AE, rules: Rules) -> None:
     _GUARDED[ae] = rules
 
 
-def permitted(event: Event, operation: str) -> bool:
-    """May the requester of `event` ask for `operation`? Logs a refusal."""
+def permitted(event: Event, operation: str, refusal: int) -> bool:
+    """May the requester of `event` ask for `operation`? Logs a refusal with the status
+    the handler answers it with (`refusal`), as the operation lines do."""
     rules = _GUARDED.get(event.assoc.ae)
     calling = event.assoc.requestor.ae_title
     if rules is None or rules().permits(calling, operation):
         return True
-    log.warning("%s from %s refused: not permitted", operation, calling)
+    service = event.event.name.removeprefix("EVT_").replace("_", "-")  # C-STORE, N-ACTION
+    log.warning("#%d %s from %s refused (0x%04X): %s %s", activity.number(event.assoc), service,
+                calling, refusal, operation, REFUSAL)
     return False
 
 

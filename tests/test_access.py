@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 
@@ -127,7 +128,8 @@ def test_check_host(make_node, host, accepted):
     other.release()
 
 
-def test_every_operation_refused_without_permission(make_node):
+def test_every_operation_refused_without_permission(make_node, caplog):
+    caplog.set_level(logging.WARNING, logger="pacs.access")
     node = make_node(security={"allow_unknown_callers": False},
                      remote_aes={"NOBODY": {"host": "127.0.0.1", "port": 11113,
                                             "permissions": []}})
@@ -142,6 +144,15 @@ def test_every_operation_refused_without_permission(make_node):
                      "commitment": NOT_AUTHORIZED}
     assert all(answer.ErrorComment == "not permitted" for answer in answers.values())
     assert not stored_path(node.config, ds.SOPInstanceUID).exists()
+    # One WARNING each, tied to the association by its number, with the status answered.
+    refusals = [re.fullmatch(r"#(\d+) (\S+) from NOBODY refused \((0x\w{4})\): (\w+) not permitted",
+                             record.getMessage()) for record in caplog.records
+                if record.name == "pacs.access" and "refused" in record.getMessage()]
+    assert all(refusals) and len({match[1] for match in refusals}) == 1, caplog.text
+    assert sorted(match.groups()[1:] for match in refusals) == [
+        ("C-ECHO", "0x0122", "echo"), ("C-FIND", "0xC124", "find"), ("C-GET", "0xC124", "get"),
+        ("C-MOVE", "0xC124", "move"), ("C-STORE", "0xC124", "store"),
+        ("N-ACTION", "0x0124", "store")]
     assert_rejected(try_associate(node, "STRANGER"), CALLING_NOT_RECOGNIZED)
 
     node.stop()  # waits for the associations' audit rows

@@ -126,7 +126,7 @@ def _store(event: Event, archive: Archive) -> Dataset:
     affected = str(event.request.AffectedSOPInstanceUID or "")
     assoc = event.assoc
     received = event.request._dataset_file
-    if not permitted(event, "store"):
+    if not permitted(event, "store", NOT_PERMITTED):
         return status(NOT_PERMITTED, REFUSAL)  # pynetdicom deletes the received file
     if isinstance(received, ReceiveFile) and received.error is not None:
         problem = f"cannot write the received data: {received.error.strerror or received.error}"
