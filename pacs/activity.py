@@ -34,7 +34,7 @@ from typing import Any
 
 from peewee import PeeweeException
 from pydicom import Dataset
-from pynetdicom import evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
@@ -280,7 +280,7 @@ def _write(record: Activity, archive: Any, caller: str, peer: str) -> None:
 class Flusher:
     """Writes the new audit rows of an AE's running associations every FLUSH_EVERY_S."""
 
-    def __init__(self, ae: Any, archive: Any):
+    def __init__(self, ae: AE, archive: Any):
         self._ae = ae
         self._archive = archive
         self._stop = threading.Event()
