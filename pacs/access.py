@@ -31,6 +31,7 @@ from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
+from pacs import activity
 from pacs.config import Config
 
 log = logging.getLogger(__name__)
@@ -103,18 +104,21 @@ def guard(ae: AE, rules: Rules) -> None:
     _GUARDED[ae] = rules
 
 
-def permitted(event: Event, operation: str) -> bool:
-    """May the requester of `event` ask for `operation`? Logs a refusal."""
-    return allowed(event.assoc, operation)
+def permitted(event: Event, operation: str, refusal: int) -> bool:
+    """May the requester of `event` ask for `operation`? Logs a refusal with the status
+    the handler answers it with (`refusal`), as the operation lines do."""
+    service = event.event.name.removeprefix("EVT_").replace("_", "-")  # C-STORE, N-ACTION
+    return allowed(event.assoc, service, operation, refusal)
 
 
-def allowed(assoc: Association, operation: str) -> bool:
-    """May the requester of `assoc` ask for `operation`? Logs a refusal."""
+def allowed(assoc: Association, service: str, operation: str, refusal: int) -> bool:
+    """:func:`permitted` for a request that came without a pynetdicom event (`pacs.receiver`)."""
     rules = _GUARDED.get(assoc.ae)
     calling = assoc.requestor.ae_title
     if rules is None or rules().permits(calling, operation):
         return True
-    log.warning("%s from %s refused: not permitted", operation, calling)
+    log.warning("#%d %s from %s refused (0x%04X): %s %s", activity.number(assoc), service,
+                calling, refusal, operation, REFUSAL)
     return False
 
 

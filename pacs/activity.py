@@ -11,10 +11,14 @@ their default level). Patient-identifying values only at DEBUG (`summary`).
 pynetdicom's notification events (bound in `node.py`) follow an association:
 EVT_CONN_OPEN starts its clock, EVT_RELEASED / EVT_ABORTED / EVT_REJECTED say how
 it ended, and EVT_CONN_CLOSE, the last event of every connection, writes the
-line and the audit events, in one short transaction, off the path of every
-request. A C-STORE only bumps a per-study counter in memory, so audit costs it
-nothing; the rows are written once the association is over (and before a
-graceful stop ends, since pynetdicom's association thread waits for its DUL).
+line and the rest of the audit events, in one short transaction, off the path
+of every request. A C-STORE only bumps a per-study counter in memory, so audit
+costs it nothing; a :class:`Flusher` thread writes the new rows of running
+associations every FLUSH_EVERY_S (one transaction for all of them, and later
+counts of a row already written as an update), so a crash or SIGKILL loses at
+most that much of the trail of instances already indexed. A graceful stop
+waits for the final writes, since pynetdicom's association thread waits for
+its DUL.
 """
 from __future__ import annotations
 
@@ -30,10 +34,11 @@ from typing import Any
 
 from peewee import PeeweeException
 from pydicom import Dataset
-from pynetdicom import evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
+from pacs.index.postgres import release_connection
 from pacs.index.selection import key_values
 from pacs.statuses import CANCEL, PENDING, PENDING_WARNING, SUCCESS
 from pacs.summary import keys_summary
@@ -41,6 +46,7 @@ from pacs.summary import keys_summary
 log = logging.getLogger("pacs.association")
 oplog = logging.getLogger("pacs.operation")
 _END_WAIT_S = 1.0  # see _finish
+FLUSH_EVERY_S = 2.0  # audit rows of running associations are written this often
 _numbers = itertools.count(1)
 _activities: "weakref.WeakKeyDictionary[Association, Activity]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
@@ -51,14 +57,27 @@ def utcnow() -> datetime:
 
 
 @dataclass
-class _StudyStored:
+class _Stores:
+    """An association's C-STOREs with one outcome: the instances of one study
+    stored (status 0), or those answered with one failure status (study unknown)."""
+
     time: datetime
-    patient_id: str
-    count: int = 0
+    status: int
+    study: str = ""
+    patient_id: str = ""
+    detail: str = ""  # a failure's first ErrorComment
+    done: int = 0
+
+    def row(self) -> dict[str, Any]:
+        stored = self.status == SUCCESS
+        return {"time": self.time, "event": "store", "status": self.status,
+                "count": self.done if stored else 0, "failed": 0 if stored else self.done,
+                "patient_id": self.patient_id, "studies": self.study, "detail": self.detail}
 
 
 class Activity:
-    """One association's counters and pending audit events (touched by its own threads only)."""
+    """One association's counters and audit events, changed by its own threads only;
+    :meth:`write` (the flusher's thread or the closing one) only reads them."""
 
     def __init__(self) -> None:
         self.number = next(_numbers)
@@ -66,28 +85,44 @@ class Activity:
         self.outcome = ""
         self.ended = threading.Event()
         self.operations: Counter[str] = Counter()
-        self.stored: dict[str, _StudyStored] = {}
-        self.store_failed = 0
+        self.stores: dict[tuple[str, int], _Stores] = {}  # by (study, status)
         self.events: list[dict[str, Any]] = []
+        self._writing = threading.Lock()
+        self._row_ids: dict[tuple[str, int], int] = {}  # store rows written: their id,
+        self._written: dict[tuple[str, int], int] = {}  # ... and their `done` as written
+        self._events_written = 0
 
-    def audit_rows(self, calling_ae: str, peer: str) -> list[dict[str, Any]]:
-        rows = [{"time": entry.time, "event": "store", "status": 0, "count": entry.count,
-                 "patient_id": entry.patient_id, "studies": study}
-                for study, entry in self.stored.items()]
-        rows.extend(self.events)
-        for row in rows:
-            row.update(calling_ae=calling_ae[:16], peer=peer)
-        return rows
+    def write(self, archive: Any, calling_ae: str, peer: str) -> None:
+        """Write what is new since the last write: new events and store rows, and the
+        counts of store rows that grew since. Raises PeeweeException (nothing counts as
+        written then, so the next write tries again)."""
+        with self._writing:
+            stores = self.stores.copy()  # atomic: the association's thread may add one now
+            events = self.events[self._events_written:]
+            new = [(key, entry.row()) for key, entry in stores.items()
+                   if key not in self._row_ids]
+            grown = {key: entry.row() for key, entry in stores.items()
+                     if key in self._row_ids and entry.done != self._written[key]}
+            rows = [row for _, row in new] + events
+            for row in rows:
+                row.update(calling_ae=calling_ae[:16], peer=peer)
+            ids = archive.record_audit(rows, {self._row_ids[key]: (row["count"], row["failed"])
+                                              for key, row in grown.items()})
+            for (key, row), row_id in zip(new, ids):
+                self._row_ids[key] = row_id
+            for key, row in [*new, *grown.items()]:
+                self._written[key] = row["count"] + row["failed"]
+            self._events_written += len(events)
 
     def did(self) -> str:
         """What the association did, for its log line."""
         parts = []
         for service, count in sorted(self.operations.items()):
             if service == "C-STORE":
-                stored = sum(entry.count for entry in self.stored.values())
-                parts.append(f"C-STORE {count} (stored {stored} in {len(self.stored)} "
-                             f"stud{'y' if len(self.stored) == 1 else 'ies'}, "
-                             f"{self.store_failed} failed)")
+                studies = [e.done for e in self.stores.values() if e.status == SUCCESS]
+                failed = sum(e.done for e in self.stores.values() if e.status != SUCCESS)
+                parts.append(f"C-STORE {count} (stored {sum(studies)} in {len(studies)} "
+                             f"stud{'y' if len(studies) == 1 else 'ies'}, {failed} failed)")
             else:
                 parts.append(f"{service} {count}")
         return ", ".join(parts) or "no operations"
@@ -112,18 +147,21 @@ def count(assoc: Association, service: str) -> None:
 
 def stored(assoc: Association, study_uid: str, patient_id: str) -> None:
     """One instance stored: the hot path, so only counters."""
+    _count_store(assoc, study_uid, SUCCESS, patient_id=patient_id)
+
+
+def store_failed(assoc: Association, code: int, comment: str) -> None:
+    """One C-STORE answered with failure `code` (refused, not permitted, bad data)."""
+    _count_store(assoc, "", code, detail=comment)
+
+
+def _count_store(assoc: Association, study_uid: str, code: int, **first: str) -> None:
     record = activity(assoc)
     record.operations["C-STORE"] += 1
-    entry = record.stored.get(study_uid)
+    entry = record.stores.get((study_uid, code))
     if entry is None:
-        entry = record.stored[study_uid] = _StudyStored(utcnow(), patient_id)
-    entry.count += 1
-
-
-def store_failed(assoc: Association) -> None:
-    record = activity(assoc)
-    record.operations["C-STORE"] += 1
-    record.store_failed += 1
+        entry = record.stores[study_uid, code] = _Stores(utcnow(), code, study_uid, **first)
+    entry.done += 1
 
 
 class Operation:
@@ -206,25 +244,74 @@ def _rejection(assoc: Association) -> str:
 
 
 def on_close(event: Event, archive: Any) -> None:
-    """EVT_CONN_CLOSE: log the association's line and write its audit events."""
+    """EVT_CONN_CLOSE: log the association's line and write the rest of its audit events."""
     assoc = event.assoc
-    record = _activities.pop(assoc, None) or Activity()
+    with _lock:
+        record = _activities.pop(assoc, None) or Activity()
     outcome = _finish(assoc, record)
-    requestor = assoc.requestor
-    peer = f"{requestor.address}:{requestor.port}" if requestor.address_info else "?"
-    caller = requestor.ae_title
+    caller, peer = _who(assoc)
     if not caller:  # a TCP probe, a port scan: no A-ASSOCIATE-RQ ever came
         log.debug("connection from %s closed without an association request", peer)
         return
+    request = assoc.requestor.primitive
+    called = request.called_ae_title if request is not None else "?"
+    if assoc.is_rejected and assoc.acceptor.primitive is not None:
+        record.events.append(_rejected_event(assoc.acceptor.primitive, called))
     if log.isEnabledFor(logging.INFO):
-        request = requestor.primitive
-        called = request.called_ae_title if request is not None else "?"
         log.info("association #%d %s@%s -> %s: %s after %.3f s; %s", record.number, caller,
                  peer, called, outcome, time.monotonic() - record.started, record.did())
+    _write(record, archive, caller, peer)
+
+
+def _who(assoc: Association) -> tuple[str, str]:
+    """The calling AE title ("" before the A-ASSOCIATE-RQ) and the peer's address:port."""
+    requestor = assoc.requestor
+    peer = f"{requestor.address}:{requestor.port}" if requestor.address_info else "?"
+    return requestor.ae_title, peer
+
+
+def _write(record: Activity, archive: Any, caller: str, peer: str) -> None:
     try:
-        archive.record_audit(record.audit_rows(caller, peer))
+        record.write(archive, caller, peer)
     except PeeweeException as exc:
         log.error("association #%d: audit events not written: %s", record.number, exc)
+
+
+class Flusher:
+    """Writes the new audit rows of an AE's running associations every FLUSH_EVERY_S."""
+
+    def __init__(self, ae: AE, archive: Any):
+        self._ae = ae
+        self._archive = archive
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="audit-flusher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the write in progress, if any (closing associations write their own)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(FLUSH_EVERY_S):
+            with _lock:
+                running = [(assoc, record) for assoc, record in _activities.items()
+                           if assoc.ae is self._ae]
+            for assoc, record in running:
+                caller, peer = _who(assoc)
+                if caller:
+                    _write(record, self._archive, caller, peer)
+            release_connection()
+
+
+def _rejected_event(reject: Any, called: str) -> dict[str, Any]:
+    """The audit event of an A-ASSOCIATE-RJ: its status is the reason/diagnostic (PS3.8 9.3.4)."""
+    return {"time": utcnow(), "event": "reject", "status": reject.diagnostic,
+            "detail": f"A-ASSOCIATE-RJ {reject.result_str}, {reject.source_str}: "
+                      f"{reject.reason_str}; called {called}"}
 
 
 def _finish(assoc: Association, record: Activity) -> str:

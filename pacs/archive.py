@@ -15,7 +15,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from peewee import PeeweeException
 from pydicom import Dataset
@@ -171,9 +171,11 @@ class Archive:
         with _index_errors():
             return select_matches(identifier, root)
 
-    def record_audit(self, rows: Sequence[dict]) -> None:
-        """Add audit events (`pacs.activity`); raises PeeweeException when the index fails."""
-        write_events(rows)
+    def record_audit(self, rows: Sequence[dict],
+                     counts: Mapping[int, tuple[int, int]] | None = None) -> list[int]:
+        """Add audit events and update the (count, failed) of earlier ones (`pacs.activity`);
+        the new rows' ids. Raises PeeweeException when the index fails."""
+        return write_events(rows, counts)
 
     def file_path(self, relpath: str) -> Path:
         """Where an indexed instance's file is (it may have vanished since)."""

@@ -58,9 +58,14 @@ def _as_dict(row: AuditEvent) -> dict[str, Any]:
 
 
 def _line(row: AuditEvent) -> str:
-    status = "lost" if row.status is None else f"0x{row.status:04X}"
+    if row.status is None:
+        status = "status=lost"
+    elif row.event == "reject":
+        status = f"reason={row.status}"  # A-ASSOCIATE-RJ reason/diag., not a DIMSE status
+    else:
+        status = f"status=0x{row.status:04X}"
     parts = [row.time.isoformat(timespec="milliseconds") + "Z", row.event,
-             f"{row.calling_ae}@{row.peer}", f"status={status}", f"count={row.count}"]
+             f"{row.calling_ae}@{row.peer}", status, f"count={row.count}"]
     if row.failed:
         parts.append(f"failed={row.failed}")
     if row.destination:

@@ -99,6 +99,7 @@ class Node:
         self.ae = build_ae(config, self.live)
         self.servers: list[ThreadedAssociationServer] = []  # one per port, or the channel's
         self._sweeper = threading.Event()
+        self._audit = activity.Flusher(self.ae, archive)  # running associations' audit rows
 
     @property
     def port(self) -> int:
@@ -142,6 +143,7 @@ class Node:
                 log.info("%s listening on %s:%d%s", self.config.ae_title, self.config.host,
                          server.server_address[1], " (TLS)" if server.ssl_context else "")
         threading.Thread(target=self._sweep, name="staging-sweeper", daemon=True).start()
+        self._audit.start()
 
     def _sweep(self) -> None:
         """Drop receive files left by aborted associations, once they are surely dead."""
@@ -163,6 +165,7 @@ class Node:
         for assoc in [a for s in servers for a in s.active_associations]:
             log.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
             assoc.abort()
+        self._audit.stop()
         receive_into(None)
 
 

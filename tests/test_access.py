@@ -1,6 +1,9 @@
 """Access control (`security`, `remote_aes` permissions and check_host) through the real protocol."""
 from __future__ import annotations
 
+import json
+import logging
+import re
 import subprocess
 
 import pytest
@@ -13,7 +16,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from tests.conftest import DCMTK, needs_dcmtk, stored_path
+from tests.conftest import DCMTK, needs_dcmtk, run_pacs, stored_path
 from tests.dicomgen import make_instance, write
 
 NOT_PERMITTED, NOT_AUTHORIZED, SOP_CLASS_NOT_SUPPORTED = 0xC124, 0x0124, 0x0122
@@ -125,8 +128,10 @@ def test_check_host(make_node, host, accepted):
     other.release()
 
 
-def test_every_operation_refused_without_permission(make_node):
-    node = make_node(remote_aes={"NOBODY": {"host": "127.0.0.1", "port": 11113,
+def test_every_operation_refused_without_permission(make_node, caplog):
+    caplog.set_level(logging.WARNING, logger="pacs.access")
+    node = make_node(security={"allow_unknown_callers": False},
+                     remote_aes={"NOBODY": {"host": "127.0.0.1", "port": 11113,
                                             "permissions": []}})
     ds = make_instance()
     assoc = try_associate(node, "NOBODY")
@@ -139,6 +144,41 @@ def test_every_operation_refused_without_permission(make_node):
                      "commitment": NOT_AUTHORIZED}
     assert all(answer.ErrorComment == "not permitted" for answer in answers.values())
     assert not stored_path(node.config, ds.SOPInstanceUID).exists()
+    # One WARNING each, tied to the association by its number, with the status answered.
+    refusals = [re.fullmatch(r"#(\d+) (\S+) from NOBODY refused \((0x\w{4})\): (\w+) not permitted",
+                             record.getMessage()) for record in caplog.records
+                if record.name == "pacs.access" and "refused" in record.getMessage()]
+    assert all(refusals) and len({match[1] for match in refusals}) == 1, caplog.text
+    assert sorted(match.groups()[1:] for match in refusals) == [
+        ("C-ECHO", "0x0122", "echo"), ("C-FIND", "0xC124", "find"), ("C-GET", "0xC124", "get"),
+        ("C-MOVE", "0xC124", "move"), ("C-STORE", "0xC124", "store"),
+        ("N-ACTION", "0x0124", "store")]
+    assert_rejected(try_associate(node, "STRANGER"), CALLING_NOT_RECOGNIZED)
+
+    node.stop()  # waits for the associations' audit rows
+    events = audit_events(node.config_path)
+    assert {event["calling_ae"] for event in events} == {"NOBODY", "STRANGER"}
+    assert all(re.fullmatch(r"127\.0\.0\.1:\d+", event["peer"]) for event in events)
+    refused = {event["event"]: (event["status"], event["count"], event["failed"])
+               for event in events if event["calling_ae"] == "NOBODY"}
+    assert refused == {"store": (NOT_PERMITTED, 0, 1), "find": (NOT_PERMITTED, 0, 0),
+                       "move": (NOT_PERMITTED, 0, 0), "get": (NOT_PERMITTED, 0, 0)}
+    store = next(event for event in events if event["event"] == "store")
+    assert (store["detail"], store["studies"]) == ("not permitted", [])
+    rejected = [event for event in events if event["calling_ae"] == "STRANGER"]
+    assert [(event["event"], event["status"], event["detail"]) for event in rejected] == [
+        ("reject", CALLING_NOT_RECOGNIZED, "A-ASSOCIATE-RJ Rejected Permanent, Service User: "
+                                           "Calling AE title not recognised; called MINIPACS")]
+    plain = run_pacs("audit", "--since", "1h", "--type", "reject", config=node.config_path)
+    assert re.fullmatch(r"\S+Z reject STRANGER@127\.0\.0\.1:\d+ reason=3 count=0 "
+                        r"\[A-ASSOCIATE-RJ .*\]\n", plain.stdout), plain.stdout
+
+
+def audit_events(config_path) -> list[dict]:
+    """`pacs audit --json` of the last hour, parsed."""
+    result = run_pacs("audit", "--since", "1h", "--json", config=config_path)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 def test_permissions_are_per_operation(make_node):

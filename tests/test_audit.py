@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
+import time
 
 import pytest
 from pydicom import Dataset
@@ -118,7 +120,11 @@ def test_store_find_move_get_log_lines_and_audit(serve_process):
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     by_type = {event["event"]: event for event in events}
-    assert sorted(by_type) == ["find", "get", "move", "store"] and len(events) == 4
+    assert sorted(by_type) == ["find", "get", "move", "reject", "store"] and len(events) == 5
+    assert (by_type["reject"]["calling_ae"], by_type["reject"]["status"],
+            by_type["reject"]["detail"]) == (
+        "BADCALLER", 7, "A-ASSOCIATE-RJ Rejected Permanent, Service User: "
+                        "Called AE title not recognised; called NOTTHEPACS")
     assert by_type["store"] | {"time": None, "peer": None} == {
         "time": None, "event": "store", "calling_ae": "MODALITY", "peer": None, "status": 0,
         "count": 3, "failed": 0, "destination": "", "patient_id": PID, "studies": [study_uid],
@@ -146,7 +152,42 @@ def test_store_find_move_get_log_lines_and_audit(serve_process):
     # The audit trail survives a rebuild of the index.
     assert run_pacs("reindex", "--no-progress", config=proc.config_path).returncode == 0
     again = run_pacs("audit", "--since", "1h", config=proc.config_path)
-    assert len(again.stdout.splitlines()) == 4
+    assert len(again.stdout.splitlines()) == 5
+
+
+def store_rows(proc, wanted, timeout: float = 30) -> list[dict]:
+    """The store events of `pacs audit --json` once `wanted(rows)` holds (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = run_pacs("audit", "--since", "1h", "--type", "store", "--json",
+                          config=proc.config_path)
+        assert result.returncode == 0, result.stderr
+        rows = [json.loads(line) for line in result.stdout.splitlines()]
+        if wanted(rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.3)
+
+
+def test_store_rows_of_a_running_association_survive_sigkill(serve_process):
+    """Rows reach the index while the association is open, a later count as an update."""
+    proc = serve_process()
+    study = make_study(patient_id=PID, series=1, per_series=3)
+    study_uid = str(study[0].StudyInstanceUID)
+    assoc = associate(proc, contexts=[CTImageStorage], ae_title="MODALITY")
+    assert [assoc.send_c_store(ds).Status for ds in study[:2]] == [0, 0]
+    rows = store_rows(proc, lambda rows: rows)
+    assert [(r["calling_ae"], r["count"], r["studies"]) for r in rows] == [
+        ("MODALITY", 2, [study_uid])]
+    assert assoc.send_c_store(study[2]).Status == 0
+    assert [r["count"] for r in store_rows(proc, lambda rows: rows[0]["count"] == 3)] == [3]
+    assert assoc.is_established  # never released: the rows were written while it ran
+    proc.proc.send_signal(signal.SIGKILL)
+    assert proc.proc.wait(30) == -signal.SIGKILL
+    assoc.abort()
+    rows = store_rows(proc, lambda rows: True)
+    assert [(r["calling_ae"], r["status"], r["count"], r["patient_id"], r["studies"])
+            for r in rows] == [("MODALITY", 0, 3, PID, [study_uid])]
+    assert "MODALITY@" not in proc.log_text()  # its association never closed
 
 
 def test_debug_shows_patient_names_and_each_store(serve_process):

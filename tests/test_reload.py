@@ -105,6 +105,43 @@ def test_sighup_applies_new_rules_and_keeps_running_associations(locked_server, 
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_flips_unknown_callers_and_a_permission(serve_process, workers):
+    """`security` itself reloads: new associations follow it, running ones stay up, and
+    the next request of a running one follows the new permissions."""
+    def rules(allow_unknown: bool, ws_permissions: list[str]) -> dict:
+        return {"security": {"allow_unknown_callers": allow_unknown},
+                "remote_aes": {"READY": KNOWN, "WS": {**KNOWN, "permissions": ws_permissions}}}
+
+    proc = serve_process(network={"workers": workers}, **rules(False, ["echo"]))
+    if workers > 1:
+        assert wait_for(lambda: len(children(proc.proc.pid)) == workers)
+    assert rejected(proc, "STRANGER")
+    ws = connect(proc, "WS")
+    assert ws.is_established
+    assert ws.send_c_store(make_instance(number=1)).Status == 0xC124
+
+    rewrite(proc, **rules(True, ["echo", "store"]))
+    hangup_and_wait(proc, "reloaded remote_aes (2 AEs) and security", workers)
+    assert accepted_everywhere(proc, "STRANGER", workers)
+    stranger = connect(proc, "STRANGER")
+    assert stranger.is_established
+    assert ws.send_c_store(make_instance(number=2)).Status == 0
+
+    rewrite(proc, **rules(False, ["echo"]))
+    hangup_and_wait(proc, "reloaded remote_aes (2 AEs) and security", workers)
+    assert rejected(proc, "STRANGER") and rejected(proc, "STRANGER")
+    refused = ws.send_c_store(make_instance(number=3))
+    assert (refused.Status, refused.ErrorComment) == (0xC124, "not permitted")
+    # Admitted while unknown callers were allowed: it goes on.
+    assert stranger.send_c_echo().Status == 0
+    assert ws.send_c_echo().Status == 0
+    stranger.release()
+    ws.release()
+    assert proc.terminate() == 0
+    assert "Traceback" not in proc.log_text()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 def test_bad_config_on_reload_keeps_the_old_rules(locked_server, workers):
     proc = locked_server(workers)
     good = proc.config_path.read_text()

@@ -4,19 +4,21 @@ from __future__ import annotations
 import signal
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
-from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import Verification
 
 from pacs.index.models import Instance
 from tests.conftest import (
-    associate, open_index, run_pacs, staging_files, stored_path, write_config,
+    dataset_bytes, open_index, run_pacs, staging_files, stored_path, write_config,
 )
 from tests.dicomgen import make_instance
+from tests.reliability.raw import RELEASE_RQ, establish, read_pdu, read_response, store_pdus
+from tests.reliability.support import expected_bytes
+from tests.test_workers import wait_for
+
+RELEASE_RP = 0x06
 
 
 def refuses_associations(proc) -> bool:
@@ -30,31 +32,37 @@ def refuses_associations(proc) -> bool:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_completes_running_stores_and_exits_0(serve_process, workers):
-    """The store in flight completes and is indexed, new associations are refused, exit 0."""
-    proc = serve_process(network={"workers": workers})
-    big, late = make_instance(rows=1024, cols=1024), make_instance(number=2)
-    assoc = associate(proc, contexts=((CTImageStorage, [ExplicitVRLittleEndian]),))
-    with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(assoc.send_c_store, big)
-        deadline = time.monotonic() + 5
-        while not (staging_files(proc.config) or running.done()) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        proc.proc.send_signal(signal.SIGTERM)
-        assert running.result(timeout=30).Status == 0
+    """The store in flight completes and is indexed, new associations are refused, exit 0.
 
-    deadline = time.monotonic() + 5
-    while not refuses_associations(proc):
-        assert time.monotonic() < deadline, "still accepting associations after SIGTERM"
-        time.sleep(0.05)
-    assert proc.proc.poll() is None  # waits for the open association
-    assert assoc.send_c_store(late).Status == 0
-    assoc.release()
+    A raw sender holds back the last half of the data set until after SIGTERM, so the
+    store is surely running (its receive file in staging, its last fragment unsent)."""
+    proc = serve_process(network={"workers": workers})
+    big, late = make_instance(rows=512, cols=512), make_instance(number=2)
+    pdus = store_pdus(str(big.SOPClassUID), str(big.SOPInstanceUID), expected_bytes(big))
+    assert len(pdus) > 4
+    with establish(proc.port, timeout=60) as sock:
+        half = len(pdus) // 2
+        sock.sendall(b"".join(pdus[:half]))
+        assert wait_for(lambda: staging_files(proc.config)), "the store never started"
+        proc.proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: refuses_associations(proc)), "accepting associations after SIGTERM"
+        assert proc.proc.poll() is None  # waits for the open association
+        with open_index(proc.config_path):
+            assert not Instance.select().exists()  # still in flight
+        sock.sendall(b"".join(pdus[half:]))
+        assert read_response(sock).Status == 0
+        sock.sendall(b"".join(store_pdus(str(late.SOPClassUID), str(late.SOPInstanceUID),
+                                         expected_bytes(late), message_id=2)))
+        assert read_response(sock).Status == 0
+        sock.sendall(RELEASE_RQ)
+        assert read_pdu(sock)[0] == RELEASE_RP
 
     assert proc.terminate(timeout=20) == 0
     assert "Traceback" not in proc.log_text()
     with open_index(proc.config_path):
         assert {i.sop_uid for i in Instance.select()} == {big.SOPInstanceUID, late.SOPInstanceUID}
-    assert all(stored_path(proc.config, ds.SOPInstanceUID).is_file() for ds in (big, late))
+    for ds in (big, late):
+        assert dataset_bytes(stored_path(proc.config, ds.SOPInstanceUID)) == expected_bytes(ds)
     assert staging_files(proc.config) == []
     assert "instances: 2" in run_pacs("stats", config=proc.config_path).stdout
 

@@ -6,15 +6,15 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 
 from pacs.config import load
-from tests.conftest import ServeProcess, write_config
+from tests.conftest import ServeProcess, send_datasets, stored_path, write_config
+from tests.dicomgen import make_instance
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 INSTALL = SCRIPTS / "install.sh"
@@ -130,27 +130,50 @@ def port_104_free() -> bool:
 needs_root_setpriv = pytest.mark.skipif(
     os.geteuid() != 0 or not SETPRIV.exists(),
     reason="needs root and setpriv to run the node with exactly the unit's capabilities")
+UNSHARE = Path("/usr/bin/unshare")
+SERVICE_UID = 65534  # nobody/nogroup: any user without privileges, as the unit's `pacs`
+# In a private mount namespace: bind the interpreter's prefix where the service
+# user can reach it (a pyenv under root's 0700 home is out of its reach), then
+# become that user with only CAP_NET_BIND_SERVICE, as ambient capability, as
+# the unit does (User=, AmbientCapabilities=, CapabilityBoundingSet=,
+# NoNewPrivileges=). Arguments: prefix, mount point, interpreter, then
+# ServeProcess's command, whose own interpreter path is dropped.
+AS_SERVICE_USER = (
+    'mount --bind "$1" "$2" || exit 1; lib="$2/lib"; python="$3"; shift 4; '
+    f'exec {SETPRIV} --reuid={SERVICE_UID} --regid={SERVICE_UID} --clear-groups --no-new-privs '
+    '--inh-caps=+net_bind_service --ambient-caps=+net_bind_service '
+    '--bounding-set=-all,+net_bind_service -- env LD_LIBRARY_PATH="$lib" "$python" "$@"')
 
 
 @needs_root_setpriv
+@pytest.mark.skipif(not UNSHARE.exists(), reason="needs unshare (util-linux)")
+@pytest.mark.skipif(sys.prefix != sys.base_prefix, reason="the interpreter must not be a venv's")
 @pytest.mark.skipif(not port_104_free(), reason="port 104 is in use")
-def test_port_104_with_only_cap_net_bind_service(tmp_path):
-    """CapabilityBoundingSet=CAP_NET_BIND_SERVICE: that one capability is enough for port 104."""
-    config = write_config(tmp_path, port=104)
-    proc = ServeProcess(config, prefix=(str(SETPRIV), "--bounding-set=-all,+net_bind_service",
-                                        "--"))
+def test_port_104_as_the_unit_runs_it():
+    """A user without privileges and the ambient CAP_NET_BIND_SERVICE listens on port 104,
+    answers C-ECHO and stores into a folder of its own."""
+    folder = Path(tempfile.mkdtemp(prefix="pacs-service-", dir="/tmp"))  # tmp_path is 0700
     try:
-        ae = AE(ae_title="WS1")
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", 104, ae_title="MINIPACS")
-        assert assoc.is_established
-        assert assoc.send_c_echo().Status == 0
-        assoc.release()
-        capabilities = Path(f"/proc/{proc.proc.pid}/status").read_text()
-        assert "CapEff:\t0000000000000400" in capabilities  # CAP_NET_BIND_SERVICE (10) alone
-        assert proc.terminate() == 0
+        os.chown(folder, SERVICE_UID, SERVICE_UID)
+        mount_point = folder / "python"
+        mount_point.mkdir()
+        interpreter = mount_point / Path(sys.executable).relative_to(sys.prefix)
+        prefix = (str(UNSHARE), "--mount", "--", "sh", "-c", AS_SERVICE_USER, "sh", sys.prefix,
+                  str(mount_point), str(interpreter))
+        proc = ServeProcess(write_config(folder, port=104), prefix=prefix)
+        try:
+            status = Path(f"/proc/{proc.proc.pid}/status").read_text()
+            assert f"Uid:\t{SERVICE_UID}\t{SERVICE_UID}\t" in status
+            for line in ("CapEff", "CapAmb", "CapBnd"):  # CAP_NET_BIND_SERVICE (10) alone
+                assert f"{line}:\t0000000000000400" in status, status
+            ds = make_instance()
+            assert [s.Status for s in send_datasets(proc, [ds], ae_title="WS1")] == [0]
+            assert stored_path(proc.config, ds.SOPInstanceUID).stat().st_uid == SERVICE_UID
+            assert proc.terminate() == 0
+        finally:
+            proc.kill()
     finally:
-        proc.kill()
+        shutil.rmtree(folder)
 
 
 @needs_root_setpriv

@@ -27,6 +27,7 @@ from tests.conftest import (
 )
 from tests.dicomgen import make_study
 from tests.retrieve_support import RecordingSCP, counts, failed_uids, identifier, retrieve
+from tests.test_access import CALLING_NOT_RECOGNIZED, NOT_PERMITTED, assert_rejected
 from tests.test_commitment import Modality
 from tests.test_config import assert_config_error
 from tests.tls_support import Certificates
@@ -52,9 +53,10 @@ def tls_args(context: ssl.SSLContext) -> tuple[ssl.SSLContext, str]:
     return context, "127.0.0.1"  # the server certificate names IP:127.0.0.1
 
 
-def tls_associate(port: int, context: ssl.SSLContext, contexts=(Verification,), **kwargs):
+def tls_associate(port: int, context: ssl.SSLContext, contexts=(Verification,),
+                  calling: str = "TLSSCU", **kwargs):
     """An association over TLS (not asserted: handshakes may be meant to fail)."""
-    ae = AE(ae_title="TLSSCU")
+    ae = AE(ae_title=calling)
     ae.connection_timeout = 20  # a blocked server fails the test instead of hanging it
     for context_uid in contexts:
         ae.add_requested_context(context_uid)
@@ -200,6 +202,31 @@ def test_serve_process_tls_only(serve_process, certs, workers):
     assert proc.terminate() == 0
     stats = run_pacs("stats", config=proc.config_path)
     assert "instances: 10" in stats.stdout.splitlines()
+
+
+def test_access_control_on_the_tls_port(make_node, certs):
+    """The rules of the plain port: an unknown caller rejected, operations per permission."""
+    node = tls_node(make_node, certs, tls={"plain_port": False},
+                    security={"allow_unknown_callers": False}, remote_aes={
+                        "MODALITY": {"host": "127.0.0.1", "port": 11113, "permissions": ["store"]}})
+    port = node.config.tls.port
+    assert node.port == port
+    assert_rejected(tls_associate(port, certs.client_context(), calling="STRANGER"),
+                    CALLING_NOT_RECOGNIZED)
+    assoc = tls_associate(port, certs.client_context(), (CTImageStorage, StudyRootFind),
+                          calling="MODALITY")
+    assert assoc.is_established
+    assert isinstance(assoc.dul.socket.socket, ssl.SSLSocket)
+    study = make_study(series=1, per_series=2)
+    try:
+        assert [assoc.send_c_store(ds).Status for ds in study] == [0, 0]
+        found = [status for status, _ in assoc.send_c_find(
+            identifier("STUDY", StudyInstanceUID=""), StudyRootFind)]
+        assert [(s.Status, s.ErrorComment) for s in found] == [(NOT_PERMITTED, "not permitted")]
+    finally:
+        assoc.release()
+    for ds in study:
+        assert stored_path(node.config, str(ds.SOPInstanceUID)).is_file()
 
 
 def test_find_and_get_over_tls(make_node, certs):

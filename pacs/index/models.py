@@ -104,10 +104,11 @@ class AuditEvent(BaseModel):
 
     id = AutoField()
     time = DateTimeField(index=True)  # UTC, naive
-    event = CharField(max_length=8, index=True)  # store | find | move | get
+    event = CharField(max_length=8, index=True)  # store | find | move | get | reject
     calling_ae = CharField(max_length=16, index=True)
     peer = CharField(max_length=64)  # address:port
-    status = IntegerField(null=True)  # final DIMSE status; None: the connection was lost
+    status = IntegerField(null=True)  # final DIMSE status (reject: A-ASSOCIATE-RJ reason);
+    # None: the connection was lost
     count = IntegerField(default=0)  # instances stored, matches, or sub-operations completed
     failed = IntegerField(default=0)  # sub-operations failed or with a warning
     destination = CharField(max_length=16, default="")  # C-MOVE

@@ -133,7 +133,7 @@ def handle_commitment(event: Event, archive: Archive, live: LiveConfig) -> None:
 
     Asking for commitment counts as `store` in `remote_aes` permissions.
     """
-    if not permitted(event, "store"):
+    if not permitted(event, "store", NOT_AUTHORIZED):
         _respond(event, NOT_AUTHORIZED, REFUSAL)
         return
     config = live.current  # where a report on a new association goes: reloaded on SIGHUP

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 def handle_echo(event: Event) -> Dataset:
     """Counted in the association's line; DEBUG only, as monitors echo every few seconds."""
     activity.count(event.assoc, "C-ECHO")
-    if not permitted(event, "echo"):
+    if not permitted(event, "echo", ECHO_NOT_PERMITTED):
         return status(ECHO_NOT_PERMITTED, REFUSAL)
     log.debug("#%d C-ECHO from %s, status 0x0000", activity.number(event.assoc),
               event.assoc.requestor.ae_title)

@@ -114,7 +114,7 @@ def handle_find(event: Event, archive: Archive) -> None:
 
 def _answers(event: Event, archive: Archive, op: Operation,
              writer: ResponseWriter) -> Iterator[Response]:
-    if not permitted(event, "find"):
+    if not permitted(event, "find", NOT_PERMITTED):
         yield status(NOT_PERMITTED, REFUSAL), None
         return
     try:

@@ -111,7 +111,8 @@ class Responder:
 
     def permitted(self) -> bool:
         """May the caller ask for this C-MOVE or C-GET (`pacs.access`)? If not, answer so."""
-        if permitted(self._event, "move" if self.kind == "C-MOVE" else "get"):
+        if permitted(self._event, "move" if self.kind == "C-MOVE" else "get",
+                     NOT_PERMITTED):
             return True
         self.fail(NOT_PERMITTED, REFUSAL)
         return False

@@ -145,12 +145,12 @@ def receive_store(archive: Archive, assoc: Association, affected: str,
     """
     answer = _store(archive, assoc, affected, received)
     if answer.Status != SUCCESS:
-        activity.store_failed(assoc)
+        activity.store_failed(assoc, answer.Status, answer.get("ErrorComment", ""))
     return answer
 
 
 def _store(archive: Archive, assoc: Association, affected: str, received: ReceiveFile) -> Dataset:
-    if not allowed(assoc, "store"):
+    if not allowed(assoc, "C-STORE", "store", NOT_PERMITTED):
         return status(NOT_PERMITTED, REFUSAL)  # the caller deletes the received file
     if received.refusal is not None:
         log.error("#%d C-STORE from %s refused (0xA700): %s", activity.number(assoc),

@@ -160,13 +160,18 @@ def read_response(sock: socket.socket) -> Dataset | int:
                 return decode(BytesIO(b"".join(fragments)), True, True)
 
 
+def store_pdus(sop_class: str, affected: str, data: bytes, message_id: int = 1) -> list[bytes]:
+    """A C-STORE-RQ on context 3 as P-DATA-TF PDUs: the command, then the data in 16000-byte
+    fragments (a test may hold some back to keep the store in flight)."""
+    fragments = [data[i:i + 16000] for i in range(0, len(data), 16000)] or [b""]
+    return [pdata(3, 0x03, store_request(sop_class, affected, message_id))] + [
+        pdata(3, 0x02 if i == len(fragments) - 1 else 0x00, f) for i, f in enumerate(fragments)]
+
+
 def send_store(port: int, sop_class: str, affected: str, data: bytes) -> Dataset | int | str:
     """One C-STORE on a fresh raw association: the response command set, or a PDU type."""
     with establish(port, timeout=60) as sock:
-        fragments = [data[i:i + 16000] for i in range(0, len(data), 16000)] or [b""]
-        sock.sendall(pdata(3, 0x03, store_request(sop_class, affected)) + b"".join(
-            pdata(3, 0x02 if i == len(fragments) - 1 else 0x00, f)
-            for i, f in enumerate(fragments)))
+        sock.sendall(b"".join(store_pdus(sop_class, affected, data)))
         try:
             return read_response(sock)
         except (EOFError, ConnectionResetError):
