@@ -185,30 +185,6 @@ def retrieve(node, identifier: Dataset, model, destination: str | None = None,
     return pending, final, final_identifier
 
 
-class Receiver:
-    """The C-GET requester's storage side: records what comes back over the association."""
-
-    def __init__(self, delay: float = 0.0):
-        self.received: dict[str, tuple[str, bytes]] = {}
-        self._delay = delay
-        self._lock = threading.Lock()
-
-    def on_store(self, event) -> int:
-        time.sleep(self._delay)
-        with self._lock:
-            self.received[str(event.request.AffectedSOPInstanceUID)] = (
-                str(event.context.transfer_syntax), dataset_bytes(event.dataset_path))
-        return 0x0000
-
-    def get(self, node, ident, model=StudyRootGet, syntaxes=None, classes=(CTImageStorage,),
-            **kwargs):
-        """C-GET proposing `classes` in `syntaxes` with the SCP role for storage."""
-        contexts = [(cls, syntaxes or UNCOMPRESSED) for cls in classes]
-        roles = [build_role(cls, scp_role=True) for cls in classes]
-        return retrieve(node, ident, model, contexts=contexts, ext_neg=roles,
-                        evt_handlers=[(evt.EVT_C_STORE, self.on_store)], **kwargs)
-
-
 def identifier(level: str, **keys: object) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = level
