@@ -44,7 +44,8 @@ def _requestor_leaves_responses(get_msg):
     times out. A node that answers within the reactor's next step (ours, in
     this very process, competing for the GIL) makes that likely. In this test
     process the reactor of a requestor leaves responses on the queue for the
-    call that waits for them; the servers under test are not touched.
+    call that waits for them (and the (None, None) an abort puts there to wake
+    it); the servers under test are not touched.
     """
     def get(self: DIMSEServiceProvider, block: bool = False):
         if not block and self.assoc.is_requestor:
@@ -52,7 +53,7 @@ def _requestor_leaves_responses(get_msg):
                 _, first = self.msg_queue.queue[0]  # look without taking
             except IndexError:
                 return None, None
-            if not first.is_valid_request:
+            if first is None or not first.is_valid_request:  # None: the abort's wake-up
                 return None, None
         return get_msg(self, block)
     return get
