@@ -11,9 +11,10 @@ hand, its data set fragments are written to the staging file as they arrive,
 the request is handed to `services.store` on that same thread once complete,
 and the C-STORE-RSP is written to the socket with a hand-built command set.
 
-Everything else (C-ECHO, C-FIND, C-MOVE, C-GET, N-ACTION, a command set split
-over several PDUs, a context the association did not accept) is left to
-pynetdicom, untouched: `feed` answers False before consuming anything. A PDU
+The C-STORE-RSPs a C-GET requester sends back for our sub-operations are
+parsed here too and queued for `services.get` as pynetdicom would. Everything
+else (C-ECHO, C-FIND, C-MOVE, C-GET, N-ACTION, a command set split over several
+PDUs, a context the association did not accept) is left to pynetdicom, untouched: `feed` answers False before consuming anything. A PDU
 that breaks the message framing while we own the message aborts the association,
 as pynetdicom does with a PDU it cannot place.
 """
@@ -27,6 +28,7 @@ from typing import Callable
 from pydicom import Dataset
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 
 from pacs.pdata import (
     COMMAND, C_STORE_RQ, C_STORE_RSP, LAST, NO_DATA_SET, Command, command_set, parse_command,
@@ -80,7 +82,10 @@ class StoreReceiver:
             if (first is None or first[1] & (COMMAND | LAST) != COMMAND | LAST
                     or self._assoc.dimse.message is not None):  # pynetdicom is mid-message
                 return False
-            self._request = self._start(first[0], parse_command(bytes(body[first[2]:first[3]])))
+            command = parse_command(bytes(body[first[2]:first[3]]))
+            if command.us(0x0100) == C_STORE_RSP:
+                return len(pdvs) == 1 and self._queue_response(first[0], command)
+            self._request = self._start(first[0], command)
             if self._request is None:
                 return False
             pdvs = pdvs[1:]
@@ -119,6 +124,20 @@ class StoreReceiver:
         request.file.write(file_meta(request.sop_class, request.sop_instance,
                                      str(context.transfer_syntax[0])))
         return request
+
+    def _queue_response(self, context_id: int, command: Command) -> bool:
+        """A C-STORE-RSP to one of our C-GET sub-operations: queue it as pynetdicom would,
+        without its pydicom decoding of the command set (~0.3 ms an instance)."""
+        responding_to, code = command.us(0x0120), command.us(0x0900)
+        if responding_to is None or code is None:
+            return False
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = responding_to
+        response.Status = code
+        if 0x0902 in command:
+            response.ErrorComment = command.text(0x0902)
+        self._assoc.dimse.msg_queue.put((context_id, response))
+        return True
 
     def _complete(self, request: _Request) -> None:
         request.file.close()
