@@ -1,4 +1,4 @@
-"""C-STORE requests received straight from their P-DATA-TF PDUs (PS3.8 9.3.5, PS3.7 9.3.1).
+"""C-STORE and C-ECHO requests received straight from their P-DATA-TF PDUs (PS3.8 9.3.5, PS3.7 9).
 
 Why not pynetdicom's DIMSE provider for the hot path of a modality sending a
 study: each PDU goes through its state machine and queues, each command set is
@@ -11,9 +11,9 @@ hand, its data set fragments are written to the staging file as they arrive,
 the request is handed to `services.store` on that same thread once complete,
 and the C-STORE-RSP is written to the socket with a hand-built command set.
 
-The C-STORE-RSPs a C-GET requester sends back for our sub-operations are
-parsed here too and queued for `services.get` as pynetdicom would. Everything
-else (C-ECHO, C-FIND, C-MOVE, C-GET, N-ACTION, a command set split over several
+A C-ECHO-RQ is answered here too, and the C-STORE-RSPs a C-GET requester sends
+back for our sub-operations are parsed here and queued for `services.get` as
+pynetdicom would. Everything else (C-FIND, C-MOVE, C-GET, N-ACTION, a command set split over several
 PDUs, a context the association did not accept) is left to pynetdicom, untouched: `feed` answers False before consuming anything. A PDU
 that breaks the message framing while we own the message aborts the association,
 as pynetdicom does with a PDU it cannot place.
@@ -29,16 +29,19 @@ from pydicom import Dataset
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification
 
 from pacs.pdata import (
     COMMAND, C_STORE_RQ, C_STORE_RSP, LAST, NO_DATA_SET, Command, command_set, parse_command,
     text, ui, us,
 )
+from pacs.services.echo import answer_echo
 from pacs.services.retrieve import RequesterWriter
 from pacs.services.store import ReceiveFile, open_receive_file
 from pacs.statuses import HANDLER_FAILED, status
 
 log = logging.getLogger(__name__)
+C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
 _PDV_HEAD = struct.Struct(">IBB")  # item length, presentation context ID, message control header
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 
@@ -85,6 +88,8 @@ class StoreReceiver:
             command = parse_command(bytes(body[first[2]:first[3]]))
             if command.us(0x0100) == C_STORE_RSP:
                 return len(pdvs) == 1 and self._queue_response(first[0], command)
+            if command.us(0x0100) == C_ECHO_RQ:
+                return len(pdvs) == 1 and self._echo(first[0], command)
             self._request = self._start(first[0], command)
             if self._request is None:
                 return False
@@ -139,6 +144,18 @@ class StoreReceiver:
         self._assoc.dimse.msg_queue.put((context_id, response))
         return True
 
+    def _echo(self, context_id: int, command: Command) -> bool:
+        """Answer a C-ECHO-RQ on a Verification context here (pynetdicom's round trip
+        through its queues and pydicom costs ~1 ms, a monitor's whole probe)."""
+        context = self._assoc._accepted_cx.get(context_id)
+        message_id = command.us(0x0110)
+        if (context is None or context.abstract_syntax != Verification or message_id is None
+                or command.us(0x0800) != NO_DATA_SET):
+            return False
+        self._respond(context_id, {0x0002: ui(Verification), 0x0100: us(C_ECHO_RSP),
+                                   0x0120: us(message_id)}, answer_echo(self._assoc))
+        return True
+
     def _complete(self, request: _Request) -> None:
         request.file.close()
         try:
@@ -148,17 +165,22 @@ class StoreReceiver:
             answer = status(HANDLER_FAILED, "internal error")
         finally:
             request.file.discard()  # moved into the store by now, unless refused
-        elements = {0x0002: ui(request.sop_class), 0x0100: us(C_STORE_RSP),
-                    0x0120: us(request.message_id), 0x0800: us(NO_DATA_SET),
-                    0x0900: us(answer.Status), 0x1000: ui(request.sop_instance)}
+        self._respond(request.context_id, {
+            0x0002: ui(request.sop_class), 0x0100: us(C_STORE_RSP),
+            0x0120: us(request.message_id), 0x1000: ui(request.sop_instance)}, answer)
+
+    def _respond(self, context_id: int, elements: dict[int, bytes], answer: Dataset) -> None:
+        """Send a response command set: `elements` plus the status and comment of `answer`."""
+        elements[0x0800] = us(NO_DATA_SET)
+        elements[0x0900] = us(answer.Status)
         if answer.get("ErrorComment"):
             elements[0x0902] = text(answer.ErrorComment)
         try:
             if self._writer is None:
                 self._writer = RequesterWriter(self._assoc)
-            self._writer.send(request.context_id, command_set(elements))
+            self._writer.send(context_id, command_set(elements))
         except OSError as exc:  # the peer is gone: pynetdicom's reactor sees the end
-            log.debug("C-STORE-RSP not sent: %s", exc)
+            log.debug("response not sent: %s", exc)
 
 
 def _pdvs(body: bytearray) -> list[tuple[int, int, int, int]]:
