@@ -207,6 +207,24 @@ def serving_pids(proc, workers: int) -> list[int]:
     return sorted(children(proc.proc.pid)) if workers > 1 else [proc.proc.pid]
 
 
+def settled_threads(pids: list[int], timeout: float = 10) -> dict[int, int]:
+    """Each process's thread count once it stopped changing for a second.
+
+    A worker that was just handed its first connection may still be starting
+    its long-lived threads (sweeper, audit flusher, server): counted too early,
+    they would read as threads an association left behind.
+    """
+    deadline = time.monotonic() + timeout
+    counts = {pid: proc_status(pid, "Threads") for pid in pids}
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        again = {pid: proc_status(pid, "Threads") for pid in pids}
+        if again == counts:
+            break
+        counts = again
+    return counts
+
+
 def wait_for(condition, timeout: float) -> None:
     """Poll until `condition()` holds; fail after `timeout` seconds (a hang, not a speed limit)."""
     deadline = time.monotonic() + timeout

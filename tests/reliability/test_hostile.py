@@ -30,7 +30,7 @@ from tests.reliability.raw import (
     ABORT, RELEASE_RQ, answers_until_close, associate_rq, connect, echo_pdata, send_store,
 )
 from tests.reliability.support import (
-    echo_ok, proc_status, serving_pids, store_one, verify_problems, wait_for,
+    echo_ok, proc_status, serving_pids, settled_threads, store_one, verify_problems, wait_for,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on invalid UIDs
@@ -99,7 +99,7 @@ def test_random_and_mutated_pdus(serve_process, rng, workers):
     cases = scale(500, 5000)  # per worker setting
     proc = serve_process(network={"max_associations": 64, "workers": workers})
     serving = serving_pids(proc, workers)
-    threads_before = {pid: proc_status(pid, "Threads") for pid in serving}
+    threads_before = settled_threads(serving)
     drawn = [pdu_case(rng) for _ in range(cases)]
     outcomes: Counter = Counter()
 
