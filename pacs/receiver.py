@@ -13,8 +13,9 @@ and the C-STORE-RSP is written to the socket with a hand-built command set.
 
 A C-ECHO-RQ is answered here too, and the C-STORE-RSPs a C-GET requester sends
 back for our sub-operations are parsed here and queued for `services.get` as
-pynetdicom would. Everything else (C-FIND, C-MOVE, C-GET, N-ACTION, a command set split over several
-PDUs, a context the association did not accept) is left to pynetdicom, untouched: `feed` answers False before consuming anything. A PDU
+pynetdicom would. Everything else (C-FIND, C-MOVE, C-GET, N-ACTION, a command
+set split over several PDUs, a context the association did not accept) is left
+to pynetdicom, untouched: `feed` answers False before consuming anything. A PDU
 that breaks the message framing while we own the message aborts the association,
 as pynetdicom does with a PDU it cannot place.
 """

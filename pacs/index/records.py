@@ -9,6 +9,7 @@ from pydicom import Dataset
 
 from pacs.header import Values
 
+
 @dataclass
 class InstanceRecord:
     """Everything the index keeps about one instance, split by level."""
