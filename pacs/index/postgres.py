@@ -2,8 +2,8 @@
 
 A DIMSE handler takes a connection from the pool (playhouse.pool) on its first
 query and gives it back when it returns (`releasing`): an association does not
-pay for a new connection (~10 ms), and a pooled connection is checked with a
-round trip when taken, so one that a server restart killed is replaced
+pay for a new connection (~10 ms), and a pooled connection is checked when
+taken (without a round trip), so one that a server restart killed is replaced
 before it can fail an operation. A connection lost while in use fails that
 operation; `discard_broken_connection` logs it and drops it, so the next
 operation connects afresh. SQLite needs none of this: every function here is
@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import select
 from typing import Any, Callable, TypeVar
 
 from peewee import PeeweeException, PostgresqlDatabase
@@ -40,6 +41,18 @@ class _Postgres(PooledPostgresqlExtDatabase):
         # No cap of our own: network.max_associations bounds the handlers.
         super().__init__(*args, max_connections=0, stale_timeout=RECYCLE_S, **kwargs)
         self.durable = durable
+
+    def _is_closed(self, conn) -> bool:
+        """Whether a pooled connection is dead, without peewee's SELECT 1 per checkout.
+
+        A server that restarts or terminates a backend sends it a FATAL message and
+        closes the socket, so an idle connection with anything to read is dead. (A
+        peer that vanished silently would stall a SELECT 1 as well as the real query.)
+        """
+        if conn.closed or self._adapter.txn_status(conn) != self._adapter.txn_idle:
+            return super()._is_closed(conn)  # closed, or rolls back what was left open
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        return bool(readable)
 
     def _initialize_connection(self, conn) -> None:
         if not self.durable:

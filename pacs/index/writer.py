@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class _Statements:
-    """The three statements run per instance, rendered once per backend.
+    """The statements run per instance, rendered once per backend.
 
     Building SQL is most of peewee's cost per statement (~0.1 ms); these run for
     every stored instance, so they are rendered once (with the backend's
@@ -186,11 +186,19 @@ class _Batch:
 
     def flush(self) -> None:
         sql = _sql()
-        for model, counter in self.deltas.items():
+        updates = [
+            (sql.increment(model, field), (delta, row_id))
+            for model, counter in self.deltas.items()
             # In id order, so concurrent writers lock shared rows in the same order.
-            for (row_id, field), delta in sorted(counter.items()):
-                if delta:
-                    database.execute_sql(sql.increment(model, field), (delta, row_id))
+            for (row_id, field), delta in sorted(counter.items()) if delta
+        ]
+        if sql.shared and updates:
+            # One round trip for all of them: psycopg2 sends several statements as one.
+            database.execute_sql("; ".join(statement for statement, _ in updates),
+                                 [value for _, params in updates for value in params])
+        else:
+            for statement, params in updates:
+                database.execute_sql(statement, params)
         for study, added in self.multi.values():
             # Merge into the stored values, not the cached row's: another process
             # (`pacs import`) may have added some since the row was cached.
@@ -255,6 +263,11 @@ def _find_or_create(model: type[Model], where, values: dict) -> tuple[Model, boo
     return model.get(where), True
 
 
+def _find(sql: _Statements, sop_uid: str) -> tuple[int, int] | None:
+    """(id, series id) of the instance row with this SOP Instance UID, if any."""
+    return database.execute_sql(sql.find, (sop_uid,)).fetchone()
+
+
 def _write_one(batch: _Batch, record: InstanceRecord) -> None:
     patient = batch.patient(record.patient)
     study = batch.study(record.study, patient)
@@ -262,13 +275,18 @@ def _write_one(batch: _Batch, record: InstanceRecord) -> None:
     batch.add_multi(batch.studies_by_id(series.study_id), "sop_classes",
                     record.instance["sop_class_uid"])
     sql = _sql()
-    old = database.execute_sql(sql.find, (record.sop_uid,)).fetchone()
-    if old is None:
+    if sql.shared:
+        # Insert first (each statement is a round trip): a new instance, the common
+        # case, costs one; a replacement, or another node's row, finds it after.
         inserted = database.execute_sql(sql.insert, sql.insert_values(series.id, record.instance))
-        if not sql.shared or inserted.fetchone() is not None:
-            batch.count_instance(series, 1)
-            return
-        old = database.execute_sql(sql.find, (record.sop_uid,)).fetchone()  # another node's
+        old = None if inserted.fetchone() is not None else _find(sql, record.sop_uid)
+    else:
+        old = _find(sql, record.sop_uid)
+        if old is None:
+            database.execute_sql(sql.insert, sql.insert_values(series.id, record.instance))
+    if old is None:
+        batch.count_instance(series, 1)
+        return
     old_id, old_series_id = old
     Instance.update(series=series.id, **record.instance).where(Instance.id == old_id).execute()
     if old_series_id != series.id:
