@@ -129,7 +129,8 @@ class Archive:
         C-STORE); otherwise it is copied first and left untouched (import).
         Raises InvalidInstance, OutOfResources.
         """
-        self.check_space()
+        if not owned:  # a received file was checked before it was written (services.store)
+            self.check_space()
         header = read_header(path)
         uids = check_identity(header.dataset, affected_sop_uid)
         sop_uid, study_uid = uids[0], uids[2]

@@ -19,6 +19,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -38,6 +39,8 @@ class FileStore:
         self.root = Path(root)
         self.fsync = fsync
         self.staging = self.root / STAGING
+        self._new_entries: set[str] = set()  # folders (relative) with entries not yet synced
+        self._new_lock = threading.Lock()
 
     def prepare(self) -> None:
         """Create the root and staging folders; raise StoreWriteError if impossible."""
@@ -59,11 +62,12 @@ class FileStore:
 
         The staged file may live outside the root (another filesystem); it is then
         copied into staging first. Returns the final path and its size. The folder
-        entry is made durable by :meth:`sync_dirs`, which callers batch.
+        entries (the file's, and any folder made for it) are made durable by
+        :meth:`sync_dirs`, which callers batch before they commit the index.
         """
         final = self.root / relpath
         try:
-            if not _same_device(staged, self.root):
+            if staged.parent != self.staging and not _same_device(staged, self.root):
                 staged = self.copy_in(staged)
             if self.fsync:
                 _fsync_path(staged)
@@ -71,25 +75,43 @@ class FileStore:
             try:
                 os.rename(staged, final)
             except FileNotFoundError:
-                if staged.exists():
-                    final.parent.mkdir(parents=True, exist_ok=True)
-                    if self.fsync:
-                        _fsync_path(final.parent.parent)
-                        _fsync_path(self.root)
-                    os.rename(staged, final)
-                else:
+                if not staged.exists():
                     raise
+                self._make_folders(relpath)
+                os.rename(staged, final)
             return final, size
         except OSError as exc:
             _unlink_quietly(staged)
             raise StoreWriteError(exc.errno, f"cannot store {relpath}: {exc.strerror}") from None
 
+    def _make_folders(self, relpath: str) -> None:
+        """Create the two shard folders of `relpath`; note whose entries to sync."""
+        top, leaf = relpath.split("/")[:2]
+        for folder, parent in ((top, ""), (f"{top}/{leaf}", top)):
+            try:
+                (self.root / folder).mkdir()
+            except FileExistsError:
+                continue
+            if not self.fsync:
+                continue
+            with self._new_lock:
+                self._new_entries.add(parent)
+
     def sync_dirs(self, relpaths: list[str]) -> None:
-        """fsync the folders holding these files, once each, so renames survive a crash."""
+        """fsync the folders holding these files, and those holding folders made since
+        the last call, once each, so renames and mkdirs survive a crash."""
         if not self.fsync:
             return
-        for folder in {os.path.dirname(r) for r in relpaths}:
-            _fsync_path(self.root / folder)
+        with self._new_lock:
+            folders, self._new_entries = self._new_entries, set()
+        folders.update(os.path.dirname(r) for r in relpaths)
+        try:
+            for folder in sorted(folders, key=len, reverse=True):  # the leaves first
+                _fsync_path(self.root / folder)
+        except OSError:
+            with self._new_lock:  # still owed by whichever commit comes next
+                self._new_entries |= folders
+            raise
 
     def remove(self, relpath: str) -> None:
         """Delete a final file (one whose index row could not be committed)."""

@@ -32,6 +32,7 @@ from pydicom.uid import (
 )
 
 BULK_LIMIT = 1 << 20
+HEAD_BYTES = 64 * 1024  # holds the header of nearly every instance
 _PIXEL_GROUP = 0x7FE00000
 _UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
@@ -62,21 +63,32 @@ def _at_bulk(tag: int, vr: str | None, length: int) -> bool:
 
 
 def read_header(path: Path) -> Header:
-    """Parse a Part 10 file up to its bulk data; raise InvalidInstance if it is not DICOM."""
+    """Parse a Part 10 file up to its bulk data; raise InvalidInstance if it is not DICOM.
+
+    The header is parsed from the file's first HEAD_BYTES in memory: parsing
+    from the file itself costs a system call per tell/seek of pydicom (~70 a
+    header), each a GIL hand-off between the threads of parallel associations.
+    """
     try:
         with open(path, "rb") as fp:
-            ds = read_partial(fp, stop_when=_at_bulk)
-            _decode_fallible(ds)
-            end = fp.tell()
+            size = os.fstat(fp.fileno()).st_size
+            head = fp.read(HEAD_BYTES)
+            parsed = _parse_head(head, size)
+            if parsed is None:  # a header longer than `head`, or a broken one: the whole file
+                fp.seek(0)
+                parsed = _parse(fp)
+            ds, end = parsed
             ts = str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
             if ts == DeflatedExplicitVRLittleEndian:
                 blob = encode_header(ds)
             else:
-                _check_complete(fp, end, os.fstat(fp.fileno()).st_size, ts)
-                fp.seek(0)
-                blob = fp.read(end)
-    except (InvalidDicomError, BytesLengthException, EOFError, ValueError, KeyError, OverflowError,
-            struct.error, NotImplementedError) as exc:  # NotImplementedError: an unknown VR
+                _check_complete(fp, end, size, ts)
+                if end <= len(head):
+                    blob = head[:end]
+                else:
+                    fp.seek(0)
+                    blob = fp.read(end)
+    except _PARSE_ERRORS as exc:
         raise InvalidInstance(f"cannot parse the dataset: {exc}") from None
     except OSError as exc:
         if exc.errno is not None:  # the disk failed, not the data
@@ -84,6 +96,32 @@ def read_header(path: Path) -> Header:
         # pydicom's "No tag to read at file position ...": a sequence item cut short.
         raise InvalidInstance(f"cannot parse the dataset: {exc}") from None
     return Header(ds, blob, ts)
+
+
+# NotImplementedError: an unknown VR
+_PARSE_ERRORS = (InvalidDicomError, BytesLengthException, EOFError, ValueError, KeyError,
+                 OverflowError, struct.error, NotImplementedError)
+
+
+def _parse(fp) -> tuple[Dataset, int]:
+    """The header dataset (values checked) and the offset where parsing stopped."""
+    ds = read_partial(fp, stop_when=_at_bulk)
+    _decode_fallible(ds)
+    return ds, fp.tell()
+
+
+def _parse_head(head: bytes, size: int) -> tuple[Dataset, int] | None:
+    """The header parsed from the file's first bytes, if that is surely the same as
+    parsing the file: the whole file, or a stop at a bulk element whose 12 header
+    bytes pydicom peeked at lie within `head`. Else None."""
+    try:
+        ds, end = _parse(io.BytesIO(head))
+    except (*_PARSE_ERRORS, OSError):
+        return None
+    if len(head) == size:
+        return ds, end
+    deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    return None if deflated or end + 12 > len(head) else (ds, end)
 
 
 def _decode_fallible(ds: Dataset) -> None:

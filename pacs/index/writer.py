@@ -14,11 +14,13 @@ one writer at a time (db.write_transaction) and keeps the plain statements.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 from collections import Counter
 from typing import Iterable
 
-from peewee import Model, PostgresqlDatabase
+from peewee import Field, Model, PostgresqlDatabase
 
 from pacs.index.db import in_write_transaction
 from pacs.index.models import Instance, Patient, Series, Study, database
@@ -31,9 +33,9 @@ class _Statements:
     """The statements run per instance, rendered once per backend.
 
     Building SQL is most of peewee's cost per statement (~0.1 ms); these run for
-    every stored instance, so they are rendered once (with the backend's
-    placeholder) and executed with fresh parameters. Everything else uses
-    peewee's query builder.
+    every stored instance, or every new parent row (the lookups), so they are
+    rendered once (with the backend's placeholder) and executed with fresh
+    parameters. Everything else uses peewee's query builder.
     """
 
     def __init__(self) -> None:
@@ -51,6 +53,15 @@ class _Statements:
             self.insert += ' ON CONFLICT ("sop_uid") DO NOTHING RETURNING "id"'
         self.find = f'SELECT "id", "series_id" FROM "{table}" WHERE "sop_uid" = {param}'
         self.param = param
+        self._lookups: dict[type[Model], str] = {}
+
+    def lookup(self, model: type[Model], keys: tuple[Field, ...]) -> str:
+        """SELECT of the row with given values of `keys` (one parameter each)."""
+        sql = self._lookups.get(model)
+        if sql is None:
+            where = functools.reduce(operator.and_, (field == "" for field in keys))
+            sql = self._lookups[model] = model.select().where(where).sql()[0]
+        return sql
 
     def increment(self, model: type[Model], field: str) -> str:
         table = model._meta.table_name
@@ -117,8 +128,7 @@ class _Batch:
         key = (values["patient_id"], values["issuer"])
         row = self.patients.get(key)
         if row is None:
-            row, _ = _find_or_create(
-                Patient, (Patient.patient_id == key[0]) & (Patient.issuer == key[1]), values)
+            row, _ = _find_or_create(Patient, (Patient.patient_id, Patient.issuer), values)
             self.patients[key] = row
         self.check_conflict(row, values)
         return row
@@ -138,7 +148,7 @@ class _Batch:
     def study(self, values: dict, patient: Patient) -> Study:
         row = self.studies.get(values["study_uid"])
         if row is None:
-            row, created = _find_or_create(Study, Study.study_uid == values["study_uid"],
+            row, created = _find_or_create(Study, (Study.study_uid,),
                                            {**values, "patient": patient})
             if created:
                 self.bump(Patient, patient.id, "num_studies")
@@ -155,7 +165,7 @@ class _Batch:
     def series_row(self, values: dict, study: Study) -> Series:
         row = self.series.get(values["series_uid"])
         if row is None:
-            row, created = _find_or_create(Series, Series.series_uid == values["series_uid"],
+            row, created = _find_or_create(Series, (Series.series_uid,),
                                            {**values, "study": study})
             if created:
                 self.bump(Study, study.id, "num_series")
@@ -249,18 +259,25 @@ def write_batch(records: Iterable[InstanceRecord]) -> None:
     IndexWriter().write(records)
 
 
-def _find_or_create(model: type[Model], where, values: dict) -> tuple[Model, bool]:
-    """The row `where` selects, created from `values` if missing; True if created here."""
-    row = model.get_or_none(where)
+def _find_or_create(model: type[Model], keys: tuple[Field, ...],
+                    values: dict) -> tuple[Model, bool]:
+    """The row whose `keys` have the values in `values`, created from `values` if
+    missing; True if created here."""
+    sql = _sql().lookup(model, keys)
+    params = [field.db_value(values[field.name]) for field in keys]
+    row = _first(model, sql, params)
     if row is not None:
         return row, False
     if not _sql().shared:
         return model.create(**values), True
     # Another node may be creating it now: the INSERT waits for its commit and
     # then does nothing, and the second look finds its row.
-    if model.insert(**values).on_conflict_ignore().execute() is None:
-        return model.get(where), False
-    return model.get(where), True
+    created = model.insert(**values).on_conflict_ignore().execute() is not None
+    return _first(model, sql, params), created
+
+
+def _first(model: type[Model], sql: str, params: list) -> Model | None:
+    return next(iter(model.raw(sql, *params)), None)
 
 
 def _find(sql: _Statements, sop_uid: str) -> tuple[int, int] | None:
