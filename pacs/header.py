@@ -65,29 +65,29 @@ def _at_bulk(tag: int, vr: str | None, length: int) -> bool:
 def read_header(path: Path) -> Header:
     """Parse a Part 10 file up to its bulk data; raise InvalidInstance if it is not DICOM.
 
-    The header is parsed from the file's first HEAD_BYTES in memory: parsing
-    from the file itself costs a system call per tell/seek of pydicom (~70 a
-    header), each a GIL hand-off between the threads of parallel associations.
+    The header is parsed from the file's first HEAD_BYTES in memory, read with
+    one system call: parsing from a file object costs a call per tell/seek of
+    pydicom (~70 a header), each a GIL hand-off between the threads of parallel
+    associations.
     """
     try:
-        with open(path, "rb") as fp:
-            size = os.fstat(fp.fileno()).st_size
-            head = fp.read(HEAD_BYTES)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, HEAD_BYTES, 0)
             parsed = _parse_head(head, size)
             if parsed is None:  # a header longer than `head`, or a broken one: the whole file
-                fp.seek(0)
-                parsed = _parse(fp)
+                with open(fd, "rb", closefd=False) as fp:
+                    parsed = _parse(fp)
             ds, end = parsed
             ts = str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
             if ts == DeflatedExplicitVRLittleEndian:
                 blob = encode_header(ds)
             else:
-                _check_complete(fp, end, size, ts)
-                if end <= len(head):
-                    blob = head[:end]
-                else:
-                    fp.seek(0)
-                    blob = fp.read(end)
+                _check_complete(fd, end, size, ts)
+                blob = head[:end] if end <= len(head) else os.pread(fd, end, 0)
+        finally:
+            os.close(fd)
     except _PARSE_ERRORS as exc:
         raise InvalidInstance(f"cannot parse the dataset: {exc}") from None
     except OSError as exc:
@@ -230,12 +230,11 @@ def _tag(keyword: str) -> tuple[int, str]:
     return tag, dictionary_VR(tag)
 
 
-def _check_complete(fp, end: int, size: int, ts: str) -> None:
+def _check_complete(fd: int, end: int, size: int, ts: str) -> None:
     """Raise EOFError if the bulk element where parsing stopped runs past the file's end."""
     if end >= size:
         return
-    fp.seek(end)
-    head = fp.read(12)
+    head = os.pread(fd, 12, end)
     if len(head) < 8:
         raise EOFError(f"truncated at byte {end}")
     order = ">" if ts == ExplicitVRBigEndian else "<"
@@ -246,8 +245,7 @@ def _check_complete(fp, end: int, size: int, ts: str) -> None:
     else:
         (length,), width = struct.unpack(order + "H", head[6:8]), 8
     if length == _UNDEFINED:
-        fp.seek(size - 8)
-        group, elem, last = struct.unpack(order + "HHI", fp.read(8))
+        group, elem, last = struct.unpack(order + "HHI", os.pread(fd, 8, size - 8))
         if (group << 16 | elem) != _SEQ_DELIMITER or last != 0:
             raise EOFError("truncated: encapsulated pixel data has no sequence delimiter")
     elif end + width + length > size:

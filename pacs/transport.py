@@ -26,6 +26,7 @@ import weakref
 from typing import Any, Callable
 
 from pydicom.uid import UID
+from pynetdicom import dul as dul_module
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
@@ -41,6 +42,26 @@ WAKE_CHECK_S = 0.05  # timers are looked at least this often (ARTIM, idle: secon
 FALLBACK_SLEEP_S = 0.001  # pynetdicom's poll, where there is no socket to wait on
 FIRST_READ = 1 << 20  # buffer for one PDU before it has proven to be longer
 WAIT_STEP_S = 0.05  # how often a waiting association looks whether its connection ended
+
+
+class _Clock:
+    """pynetdicom.dul's `time`, minus the zero-second sleeps of WakefulDUL's loop.
+
+    Its reactor sleeps `_run_loop_delay` when idle; ours waits in that property
+    and then answers 0, and time.sleep(0) is still a system call and a GIL
+    hand-off (two per PDU), paid by every other thread of the process.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
+
+
+dul_module.time = _Clock()  # type: ignore[assignment]
 
 
 # pynetdicom deep-copies every supported presentation context for each new
@@ -138,6 +159,8 @@ class WakefulDUL(DULServiceProvider):
                 ready, _, _ = select.select([peer, self._wakee], [], [], WAKE_CHECK_S)
                 if self._wakee in ready:
                     self._wakee.recv(4096)
+                if peer in ready and isinstance(self.socket, BulkSocket):
+                    self.socket.readable = True  # spares pynetdicom's select() to ask again
         except (OSError, ValueError):  # closed under us: pynetdicom's loop notices
             time.sleep(FALLBACK_SLEEP_S)
         finally:
@@ -247,6 +270,7 @@ class BulkSocket(AssociationSocket):
     """
 
     ended = False  # the peer closed the connection, or stalled mid-PDU
+    readable = False  # select() saw data (or the end) since the last read
     _unread = b""  # bytes put back, returned before the socket's
 
     def unread(self, data: bytes) -> None:
@@ -255,9 +279,12 @@ class BulkSocket(AssociationSocket):
 
     @property
     def ready(self) -> bool:
-        return bool(self._unread) or super().ready
+        if self._unread or (self.readable and self._is_connected and self.socket is not None):
+            return True
+        return super().ready
 
     def recv(self, nr_bytes: int) -> bytearray:
+        self.readable = False
         buffer = bytearray(min(nr_bytes, FIRST_READ))
         received = 0
         if self._unread:

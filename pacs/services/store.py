@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Callable
 
 from pydicom import Dataset
 from pynetdicom.association import Association
@@ -52,19 +52,16 @@ class ReceiveFile:
     def __init__(self, folder: Path | None, check_space: Callable[[], None] | None = None):
         self.refusal: str | None = None  # why the data set is not kept: the ErrorComment
         self.name = ""  # no file yet; pynetdicom's later unlink("") fails quietly
-        self._fp: BinaryIO | None = None
+        self._fd: int | None = None  # written with os.write: no file object's fstat/ioctl/lseek
         try:
             if check_space is not None:
                 check_space()
-            fd, self.name = tempfile.mkstemp(suffix=".dcm", dir=folder)
+            self._fd, self.name = tempfile.mkstemp(suffix=".dcm", dir=folder)
         except OutOfResources as exc:
             self.refusal = str(exc)
-            return
         except OSError as exc:
             self.refusal = _cannot_write(exc)
             log.error("cannot create a receive file in %s: %s", folder, exc)
-            return
-        self._fp = os.fdopen(fd, "wb")
 
     @property
     def file(self) -> ReceiveFile:
@@ -72,25 +69,24 @@ class ReceiveFile:
         return self
 
     def write(self, data: bytes) -> int:
-        if self._fp is not None:
+        if self._fd is not None:
             try:
-                self._fp.write(data)
+                with memoryview(data) as view:
+                    written = 0
+                    while written < len(view):
+                        written += os.write(self._fd, view[written:])
             except OSError as exc:
                 self._fail(exc)
         return len(data)
 
     def flush(self) -> None:
-        if self._fp is not None:
-            try:
-                self._fp.flush()
-            except OSError as exc:
-                self._fail(exc)
+        """Nothing is buffered."""
 
     def close(self) -> None:
-        fp, self._fp = self._fp, None
-        if fp is not None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
             try:
-                fp.close()
+                os.close(fd)
             except OSError as exc:
                 self.refusal = self.refusal or _cannot_write(exc)
 
@@ -102,6 +98,11 @@ class ReceiveFile:
                 os.unlink(self.name)
             except OSError:
                 pass
+
+    def moved(self) -> None:
+        """The archive took the file (renamed or deleted it): nothing left to discard."""
+        self.close()
+        self.name = ""
 
     def _fail(self, exc: OSError) -> None:
         log.error("cannot write received data to %s: %s", self.name, exc)
@@ -158,6 +159,7 @@ def _store(archive: Archive, assoc: Association, affected: str, received: Receiv
         return status(OUT_OF_RESOURCES, received.refusal)
     try:
         result = archive.ingest(Path(received.name), affected_sop_uid=affected, owned=True)
+        received.moved()
     except InvalidInstance as exc:
         # Unparsable data: 0xC000 "Cannot understand"; wrong or missing UIDs:
         # 0xA900 "Data Set does not match SOP Class" (PS3.4 B.2.3), as dcm4chee does.
