@@ -54,6 +54,40 @@ class _Postgres(PooledPostgresqlExtDatabase):
         readable, _, _ = select.select([conn.fileno()], [], [], 0)
         return bool(readable)
 
+    def begin(self, isolation_level: Any = None) -> None:
+        """Send BEGIN with the transaction's first statement, not as a round trip of its own.
+
+        Each round trip waits for the server process to wake (~0.15 ms measured on
+        loopback), and a C-STORE's transaction has only a few statements.
+        """
+        if isolation_level is None and not self._isolation_level:
+            if self.is_closed():  # as BEGIN's cursor would: connecting later resets the state
+                self.connect()
+            self._state.begin_pending = True
+        else:
+            super().begin(isolation_level)
+
+    def _execute_cursor(self, sql: str, params: Any, **cursor_options: Any) -> Any:
+        if self._take_pending_begin():
+            if cursor_options.get("named_cursor"):  # psycopg2 wraps it in DECLARE
+                super().begin()
+            else:
+                sql = "BEGIN; " + sql  # psycopg2 sends both at once; its result is the last's
+        return super()._execute_cursor(sql, params, **cursor_options)
+
+    def commit(self) -> None:
+        if not self._take_pending_begin():  # else nothing ran: nothing to commit
+            super().commit()
+
+    def rollback(self) -> None:
+        if not self._take_pending_begin():
+            super().rollback()
+
+    def _take_pending_begin(self) -> bool:
+        pending = getattr(self._state, "begin_pending", False)
+        self._state.begin_pending = False
+        return pending
+
     def _initialize_connection(self, conn) -> None:
         if not self.durable:
             with conn.cursor() as cursor:
