@@ -165,6 +165,24 @@ def test_non_ascii_names_stored_decoded(node, charset, name, encoded):
     assert (patient.patient_name, patient.patient_name_fold) == (name, name.casefold())
 
 
+@pytest.mark.parametrize("private_bytes", [0, 70_000, 600_000])
+def test_header_longer_than_the_first_read(node, private_bytes):
+    """The header is parsed from the file's first 64 KiB (pacs.header.HEAD_BYTES) unless it
+    runs on past them: the attributes after a long private value are indexed all the same,
+    and the stored header holds every byte up to the pixel data."""
+    ds = make_instance(rows=64, cols=64)
+    if private_bytes:
+        block = ds.private_block(0x0009, "PACS TEST", create=True)
+        block.add_new(0x01, "OB", bytes(range(256)) * (private_bytes // 256))
+    ds.InstanceNumber = 417  # group 0020: after the private group 0009
+    assert send_datasets(node, [ds])[0].Status == 0
+    row = Instance.get(Instance.sop_uid == ds.SOPInstanceUID)
+    data = stored_path(node.config, ds.SOPInstanceUID).read_bytes()
+    assert row.instance_number == "417"
+    assert row.header == data[:data.index(b"\xe0\x7f\x10\x00")]  # up to (7FE0,0010)
+    assert len(row.header) > private_bytes
+
+
 def test_restart_keeps_rows_and_files(make_node):
     node = make_node()
     before = make_study(series=1, per_series=2)
