@@ -183,10 +183,17 @@ def verify_problems(config_path: Path) -> list[str]:
     return verifying(config_path)()
 
 
-def echo_ok(port: int) -> bool:
+def echo_ok(port: int, slot_wait: float = 10) -> bool:
+    """A C-ECHO answers Success. A rejection is tried again for up to `slot_wait`
+    seconds: associations a barrage just ended hold their slots until the node's
+    threads for them have finished (up to a second each, `activity._finish`)."""
     ae = AE(ae_title="ECHOSCU")
     ae.add_requested_context(Verification)
+    deadline = time.monotonic() + slot_wait
     assoc = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
+    while assoc.is_rejected and time.monotonic() < deadline:
+        time.sleep(0.1)
+        assoc = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
     if not assoc.is_established:
         return False
     status = assoc.send_c_echo()
