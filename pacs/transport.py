@@ -69,11 +69,13 @@ class WakefulDUL(DULServiceProvider):
     _waker: socket.socket  # written by other threads
     _wakee: socket.socket  # read in select() by the DUL thread
     _waiting = False  # in select(): only then is a wake-up worth a syscall
+    _held = False  # another thread reads the peer's PDUs for now (hold_reads)
     receiver: StoreReceiver | None = None  # takes C-STORE requests off pynetdicom's path
 
     def install(self) -> None:
         """Set up the wake-up pair; called before the thread starts."""
         self._send_lock = threading.Lock()
+        self._read_lock = threading.Lock()  # held by this thread while it reads a PDU
         self._wakee, self._waker = socket.socketpair()
         self._waker.setblocking(False)
         self._wakee.setblocking(False)
@@ -98,6 +100,44 @@ class WakefulDUL(DULServiceProvider):
     def _send(self, pdu: Any) -> None:
         with self._send_lock:  # the DUL thread sends too (release, abort)
             super()._send(pdu)
+
+    def hold_reads(self) -> bool:
+        """Stop reading the peer once any PDU being read is complete; True if the caller
+        may now read PDUs itself with `read_held` (False: TLS, which stays with this thread).
+
+        For a C-GET's C-STORE responses: read by the handler, each skips this
+        thread's wake-up, its reactor loop and a queue hand-off (~0.1 ms an instance).
+        """
+        sock = self.socket
+        if not isinstance(sock, BulkSocket) or isinstance(sock.socket, ssl.SSLSocket):
+            return False
+        with self._read_lock:
+            self._held = True
+        return True
+
+    def resume_reads(self) -> None:
+        """Give the peer's PDUs back to this thread (whatever was put back comes first)."""
+        if self._held:
+            self._held = False
+            self.nudge()
+
+    def read_held(self, timeout: float) -> bytes | None:
+        """The next PDU while reads are held; None if none began within `timeout`.
+
+        A PDU cut short (connection closed, stalled) comes back short, b"" at the
+        end of the connection: put back (`socket.unread`), this thread sees the end.
+        """
+        sock = self.socket
+        if not sock._unread and not select.select([sock.socket], [], [], timeout)[0]:
+            return None
+        head = sock.recv(6)
+        if len(head) < 6:
+            return bytes(head)
+        return bytes(head + sock.recv(int.from_bytes(head[2:6], "big")))
+
+    def _is_transport_event(self) -> bool:
+        with self._read_lock:
+            return not self._held and super()._is_transport_event()
 
     def wake(self) -> None:
         if self._waiting or self._kill_thread:
@@ -135,7 +175,8 @@ class WakefulDUL(DULServiceProvider):
         try:
             # a PDU queued before the flag was up found no one to wake: look again
             if self.to_provider_queue.empty():
-                ready, _, _ = select.select([peer, self._wakee], [], [], WAKE_CHECK_S)
+                watched = [self._wakee] if self._held else [peer, self._wakee]
+                ready, _, _ = select.select(watched, [], [], WAKE_CHECK_S)
                 if self._wakee in ready:
                     self._wakee.recv(4096)
         except (OSError, ValueError):  # closed under us: pynetdicom's loop notices
