@@ -15,6 +15,7 @@ Relies on pynetdicom 3.0 internals (pinned in pyproject).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import select
@@ -25,6 +26,10 @@ import time
 import weakref
 from typing import Any, Callable
 
+import pynetdicom.pdu_items
+import pynetdicom.pdu_primitives
+import pynetdicom.presentation
+import pynetdicom.utils
 from pydicom.uid import UID
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
@@ -47,6 +52,26 @@ WAIT_STEP_S = 0.05  # how often a waiting association looks whether its connecti
 # association (~35 ms of CPU with ~170 storage classes x 40 syntaxes), mostly in
 # copying UID strings. A UID is an immutable str: its deep copy can be itself.
 UID.__deepcopy__ = lambda self, memo: self  # type: ignore[attr-defined]
+
+# Decoding an A-ASSOCIATE-RQ checks each UID in it with three regular expressions
+# (pydicom's UID(), pynetdicom's validator, UID.is_valid): a C-GET requester's
+# ~120 contexts with role selections cost ~5 ms of it. The same few hundred UIDs
+# come back on every association, and a UID is immutable: remember the checked ones.
+_STOCK_SET_UID = pynetdicom.utils.set_uid
+_checked_uid = functools.lru_cache(maxsize=4096, typed=True)(_STOCK_SET_UID)
+
+
+def _set_uid(value: Any, *args: Any, **kwargs: Any) -> UID | None:
+    """pynetdicom's set_uid, remembered for str, bytes and plain UIDs (not a private
+    transfer syntax's, which carries its encoding)."""
+    if type(value) in (str, bytes, UID) and not hasattr(value, "_PRIVATE_TS_ENCODING"):
+        return _checked_uid(value, *args, **kwargs)
+    return _STOCK_SET_UID(value, *args, **kwargs)
+
+
+for _module in (pynetdicom.utils, pynetdicom.pdu_items, pynetdicom.pdu_primitives,
+                pynetdicom.presentation):
+    _module.set_uid = _set_uid  # type: ignore[attr-defined]
 
 
 class SignallingQueue(queue.Queue):
