@@ -10,7 +10,8 @@ retrieve is timed from starting getscu until it exits (process start and
 association set-up included, the same for every target; one untimed retrieve
 per target comes first, as the first is slower for all), and it counts only if
 getscu exits 0 and exactly the series' files arrived. getscu writes them with
-`+B` into a fresh folder in --work-root (on disk, no fsync); `--ignore` makes
+`+B` into a fresh folder in --out-root (default /tmp, on disk, no fsync; /dev/shm
+takes the disk's noise out but keeps the client's file writes); `--ignore` makes
 it discard them instead (then the count is its "Received C-STORE Request" log
 lines). The `pacs` target runs this worktree's code (PYTHONPATH).
 
@@ -96,7 +97,8 @@ def main() -> int:
     parser.add_argument("--ignore", action="store_true", help="getscu discards what it gets")
     parser.add_argument("--pacs-cmd", default=f"{sys.executable} -m pacs")
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/pacs-bench-data"))
-    parser.add_argument("--work-root", type=Path, default=Path("/tmp"))
+    parser.add_argument("--work-root", type=Path, default=Path("/tmp"), help="servers' folders")
+    parser.add_argument("--out-root", type=Path, default=Path("/tmp"), help="getscu's output")
     args = parser.parse_args()
     targets = [t for t in args.targets.split(",") if t]
     # bench.py's own defaults for everything its server classes and helpers read
@@ -110,6 +112,7 @@ def main() -> int:
     study_uid, series_uid = study["uid"], study["series"][0]["uid"]
     megabytes = manifest["bytes"] / 1e6
     running, samplers, times = {}, {}, {t: [] for t in targets}
+    out = None
     try:
         for name in targets:
             start(name, server_args, args.work_root, running)
@@ -117,22 +120,22 @@ def main() -> int:
             samplers[name].start()
             load(running[name], manifest, server_args.store_timeout)
             samplers[name].mark()  # the GET figure below is the tree's peak after loading
+        out = Path(tempfile.mkdtemp(prefix="bench-get-out-", dir=args.out_root))
         for name in targets:  # untimed: the first retrieve of each is slower for all
-            get_series(running[name], study_uid, series_uid,
-                       Path(running[name].workdir) / "get-out", args.ignore)
+            get_series(running[name], study_uid, series_uid, out, args.ignore)
         for number in range(args.rounds):
             order = targets[number % len(targets):] + targets[:number % len(targets)]
             for name in order:
-                server = running[name]
-                out = Path(server.workdir) / "get-out"
-                seconds, received = get_series(server, study_uid, series_uid, out, args.ignore)
+                seconds, received = get_series(running[name], study_uid, series_uid, out,
+                                               args.ignore)
                 if received != manifest["files"]:
                     raise SystemExit(f"{name}: received {received} of {manifest['files']}")
                 times[name].append(seconds)
                 bench.log(f"round {number + 1} {name}: {seconds:.2f} s, "
                           f"{megabytes / seconds:.0f} MB/s")
         print(f"\nC-GET of {manifest['files']} CT 512x512 ({megabytes:.0f} MB) with getscu "
-              f"{'--ignore' if args.ignore else '+B to disk'}, median of {args.rounds}; "
+              f"{'--ignore' if args.ignore else f'+B into {args.out_root}'}, median of "
+              f"{args.rounds}; "
               f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
         print("| target | s | inst/s | MB/s | peak RSS: main, largest child (VmHWM) "
               "| tree RSS peak in GET |")
@@ -140,11 +143,13 @@ def main() -> int:
         for name in targets:
             seconds = statistics.median(times[name])
             memory = samplers[name].mark()
-            print(f"| {name} | {seconds:.2f} | {manifest['files'] / seconds:.0f} | "
+            print(f"| {name} | {seconds:.3f} | {manifest['files'] / seconds:.0f} | "
                   f"{megabytes / seconds:.0f} | {memory['main_hwm_mb']:.0f} MB, "
                   f"{samplers[name].child_hwm_kb / 1024:.0f} MB | "
                   f"{memory['phase_tree_rss_peak_mb']:.0f} MB |")
     finally:
+        if out is not None:
+            shutil.rmtree(out, ignore_errors=True)
         for sampler in samplers.values():
             sampler.stop()
         for server in running.values():
