@@ -9,14 +9,16 @@ SERIES level) against each target in turn, rotating the order each round. A
 retrieve is timed from starting getscu until it exits (process start and
 association set-up included, the same for every target; one untimed retrieve
 per target comes first, as the first is slower for all), and it counts only if
-getscu exits 0 and exactly the series' files arrived. getscu writes them with
-`+B` into a fresh folder in --out-root (default /tmp, on disk, no fsync; /dev/shm
-takes the disk's noise out but keeps the client's file writes); `--ignore` makes
-it discard them instead (then the count is its "Received C-STORE Request" log
-lines). The `pacs` target runs this worktree's code (PYTHONPATH).
+getscu exits 0 and exactly the series' files arrived. getscu writes them into a
+fresh folder in --out-root (default /tmp, on disk, no fsync; /dev/shm takes the
+disk's noise out but keeps the client's file writes), with `--mode -B` (getscu's
+default: each data set received in memory, then written) or `+B` (written as it
+arrives); `--mode ignore` discards them (then the count is its "Received C-STORE
+Request" log lines). The `pacs` target runs this worktree's code (PYTHONPATH).
 
-    python scripts/bench_get.py --rounds 5
-    python scripts/bench_get.py --targets pacs --rounds 20   # attach py-spy to the logged pid
+    python scripts/bench_get.py --rounds 9 --out-root /dev/shm
+    python scripts/bench_get.py --rounds 9 --mode ignore
+    python scripts/bench_get.py --targets pacs --rounds 50   # attach py-spy to the logged pid
 """
 from __future__ import annotations
 
@@ -68,12 +70,13 @@ def load(server, manifest: dict, timeout: float) -> None:
               f"port {server.port}, pid {server.proc.pid}")
 
 
-def get_series(server, study: str, series: str, out: Path, ignore: bool) -> tuple[float, int]:
+def get_series(server, study: str, series: str, out: Path, mode: str) -> tuple[float, int]:
     """One C-GET of the series with getscu: seconds, and the instances received."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
-    mode = ["--ignore", "-v"] if ignore else ["+B", "-od", str(out)]
-    cmd = [GETSCU, "-S", "-aet", bench.SCU_AET, "-aec", server.aet, *mode,
+    ignore = mode == "ignore"
+    storage = ["--ignore", "-v"] if ignore else [mode, "-od", str(out)]
+    cmd = [GETSCU, "-S", "-aet", bench.SCU_AET, "-aec", server.aet, *storage,
            "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}",
            "-k", f"SeriesInstanceUID={series}", bench.HOST, str(server.port)]
     with tempfile.TemporaryFile(mode="w+") as log:  # a full pipe would stall getscu
@@ -94,7 +97,8 @@ def main() -> int:
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--rounds", type=int, default=3, help="retrieves per target")
     parser.add_argument("--bulk", type=int, default=300)
-    parser.add_argument("--ignore", action="store_true", help="getscu discards what it gets")
+    parser.add_argument("--mode", choices=["-B", "+B", "ignore"], default="-B",
+                        help="getscu's storage mode (default -B, its own default)")
     parser.add_argument("--pacs-cmd", default=f"{sys.executable} -m pacs")
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/pacs-bench-data"))
     parser.add_argument("--work-root", type=Path, default=Path("/tmp"), help="servers' folders")
@@ -122,20 +126,20 @@ def main() -> int:
             samplers[name].mark()  # the GET figure below is the tree's peak after loading
         out = Path(tempfile.mkdtemp(prefix="bench-get-out-", dir=args.out_root))
         for name in targets:  # untimed: the first retrieve of each is slower for all
-            get_series(running[name], study_uid, series_uid, out, args.ignore)
+            get_series(running[name], study_uid, series_uid, out, args.mode)
         for number in range(args.rounds):
             order = targets[number % len(targets):] + targets[:number % len(targets)]
             for name in order:
                 seconds, received = get_series(running[name], study_uid, series_uid, out,
-                                               args.ignore)
+                                               args.mode)
                 if received != manifest["files"]:
                     raise SystemExit(f"{name}: received {received} of {manifest['files']}")
                 times[name].append(seconds)
                 bench.log(f"round {number + 1} {name}: {seconds:.2f} s, "
                           f"{megabytes / seconds:.0f} MB/s")
         print(f"\nC-GET of {manifest['files']} CT 512x512 ({megabytes:.0f} MB) with getscu "
-              f"{'--ignore' if args.ignore else f'+B into {args.out_root}'}, median of "
-              f"{args.rounds}; "
+              f"{'--ignore' if args.mode == 'ignore' else f'{args.mode} into {args.out_root}'}"
+              f", median of {args.rounds}; "
               f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
         print("| target | s | inst/s | MB/s | peak RSS: main, largest child (VmHWM) "
               "| tree RSS peak in GET |")
