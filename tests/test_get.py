@@ -1,6 +1,7 @@
 """C-GET through the real protocol: DCMTK getscu and pynetdicom with SCP/SCU role selection."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 
@@ -141,9 +142,10 @@ def test_get_counts_each_status_the_requester_answers(node):
 
 # the requester's own DUL thread raises when its handler answers after the abort
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_get_requester_abort_mid_transfer_then_node_serves_again(node):
-    """The handler reads the requester's PDUs during sub-operations: an A-ABORT among them
-    still ends the association, and the next C-GET gets everything."""
+@pytest.mark.parametrize("how", ["abort", "close"])
+def test_get_requester_gone_mid_transfer_then_node_serves_again(node, how):
+    """The handler reads the requester's PDUs during sub-operations: an A-ABORT among them,
+    or the connection's end, still ends the association, and the next C-GET gets everything."""
     study = make_study(series=1, per_series=20)
     store(node, study)
     ident = identifier("STUDY", StudyInstanceUID=study[0].StudyInstanceUID)
@@ -156,7 +158,9 @@ def test_get_requester_abort_mid_transfer_then_node_serves_again(node):
     def on_store(event):
         received.append(str(event.request.AffectedSOPInstanceUID))
         if len(received) == 3:
-            threading.Thread(target=event.assoc.abort).start()
+            end = event.assoc.abort if how == "abort" else (
+                lambda: event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR))
+            threading.Thread(target=end).start()
         return 0x0000
 
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title,
@@ -165,7 +169,8 @@ def test_get_requester_abort_mid_transfer_then_node_serves_again(node):
     assert assoc.is_established
     finals = [status for status, _ in assoc.send_c_get(ident, StudyRootGet)
               if status and status.Status not in (0xFF00, 0xFF01)]
-    assert assoc.is_aborted and not finals and 3 <= len(received) < 20
+    assoc.abort()  # no-op after its own abort; after a shutdown, closes its side
+    assert not finals and 3 <= len(received) < 20
     receiver = Receiver()
     _, final, _ = receiver.get(node, ident)
     assert final.Status == 0x0000 and counts(final) == (20, 0, 0)
