@@ -68,20 +68,12 @@ PresentationContext.__deepcopy__ = _copy_context  # type: ignore[attr-defined]
 
 # Decoding an A-ASSOCIATE-RQ checks each UID in it with three regular expressions
 # (pydicom's UID(), pynetdicom's validator, UID.is_valid): a C-GET requester's
-# ~120 contexts with role selections cost ~5 ms of it. The same few hundred UIDs
+# ~120 contexts with role selections cost ~9 ms of it. The same few hundred UIDs
 # come back on every association, and a UID is immutable: remember the checked ones.
-_STOCK_SET_UID = pynetdicom.utils.set_uid
-_checked_uid = functools.lru_cache(maxsize=4096, typed=True)(_STOCK_SET_UID)
-
-
-def _set_uid(value: Any, *args: Any, **kwargs: Any) -> UID | None:
-    """pynetdicom's set_uid, remembered for str, bytes and plain UIDs (not a private
-    transfer syntax's, which carries its encoding)."""
-    if type(value) in (str, bytes, UID) and not hasattr(value, "_PRIVATE_TS_ENCODING"):
-        return _checked_uid(value, *args, **kwargs)
-    return _STOCK_SET_UID(value, *args, **kwargs)
-
-
+# pynetdicom passes set_uid only str, bytes, UID or None, all hashable; the cache
+# is C code, so a malformed UID's traceback stays pynetdicom's alone. (A private
+# transfer syntax's UID may come back without its encoding: pacs sets none.)
+_set_uid = functools.lru_cache(maxsize=4096, typed=True)(pynetdicom.utils.set_uid)
 for _module in (pynetdicom.utils, pynetdicom.pdu_items, pynetdicom.pdu_primitives,
                 pynetdicom.presentation):
     _module.set_uid = _set_uid  # type: ignore[attr-defined]
