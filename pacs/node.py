@@ -60,6 +60,10 @@ dimse_messages.NamedTemporaryFile = open_receive_file
 # even when nothing logs at INFO (~0.2 ms a query); the operation log
 # (pacs.activity) says what was asked.
 _config.LOG_REQUEST_IDENTIFIERS = False
+# Its "standard" handlers describe every PDU and DIMSE message for its DEBUG log,
+# which pacs never enables (logs.py): for an A-ASSOCIATE-RQ with a C-GET
+# requester's ~120 role selections that walk is quadratic, ~10 ms an association.
+_config.LOG_HANDLER_LEVEL = "none"
 
 
 def build_ae(config: Config, live: LiveConfig | None = None) -> AE:

@@ -132,17 +132,19 @@ class RecordingSCP:
 class Receiver:
     """The C-GET requester's storage side: records what comes back over the association."""
 
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, answers: dict[str, int] | None = None):
         self.received: dict[str, tuple[str, bytes]] = {}
         self._delay = delay
+        self._answers = answers or {}  # SOP Instance UID -> C-STORE status (default Success)
         self._lock = threading.Lock()
 
     def on_store(self, event) -> int:
         time.sleep(self._delay)
+        uid = str(event.request.AffectedSOPInstanceUID)
         with self._lock:
-            self.received[str(event.request.AffectedSOPInstanceUID)] = (
-                str(event.context.transfer_syntax), dataset_bytes(event.dataset_path))
-        return 0x0000
+            self.received[uid] = (str(event.context.transfer_syntax),
+                                  dataset_bytes(event.dataset_path))
+        return self._answers.get(uid, 0x0000)
 
     def get(self, node, ident, model=StudyRootGet, syntaxes=None, classes=(CTImageStorage,),
             **kwargs):

@@ -1,15 +1,19 @@
 """C-GET through the real protocol: DCMTK getscu and pynetdicom with SCP/SCU role selection."""
 from __future__ import annotations
 
+import socket
 import subprocess
+import threading
 
 import pytest
 from pydicom import dcmread
 from pydicom.uid import RLELossless
+from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
     MRImageStorage,
     PatientRootQueryRetrieveInformationModelGet as PatientRootGet,
+    StudyRootQueryRetrieveInformationModelGet as StudyRootGet,
 )
 
 from tests.conftest import DCMTK, dataset_bytes, needs_dcmtk, stored_path
@@ -124,3 +128,50 @@ def test_get_vanished_file_is_failed_and_named(node):
     assert final.Status == 0xB000 and counts(final) == (2, 1, 0)
     assert failed_uids(failed) == {gone}
     assert set(receiver.received) == {str(ds.SOPInstanceUID) for ds in study[1:]}
+
+
+def test_get_counts_each_status_the_requester_answers(node):
+    study = make_study(series=1, per_series=6)
+    store(node, study)
+    uids = [str(ds.SOPInstanceUID) for ds in study]
+    receiver = Receiver(answers={uids[0]: 0xA700, uids[1]: 0xB000, uids[2]: 0xC000})
+    _, final, failed = receiver.get(node, identifier("STUDY", StudyInstanceUID=study[0].StudyInstanceUID))
+    assert final.Status == 0xB000 and counts(final) == (3, 2, 1)
+    assert failed_uids(failed) == {uids[0], uids[2]}
+
+
+# the requester's own DUL thread raises when its handler answers after the abort
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("how", ["abort", "close"])
+def test_get_requester_gone_mid_transfer_then_node_serves_again(node, how):
+    """The handler reads the requester's PDUs during sub-operations: an A-ABORT among them,
+    or the connection's end, still ends the association, and the next C-GET gets everything."""
+    study = make_study(series=1, per_series=20)
+    store(node, study)
+    ident = identifier("STUDY", StudyInstanceUID=study[0].StudyInstanceUID)
+    ae = AE("RETRIEVER")
+    ae.dimse_timeout = 5  # after its abort, pynetdicom's send_c_get waits this long, then ends
+    ae.add_requested_context(StudyRootGet)
+    ae.add_requested_context(CTImageStorage, UNCOMPRESSED)
+    received = []
+
+    def on_store(event):
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        if len(received) == 3:
+            end = event.assoc.abort if how == "abort" else (
+                lambda: event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR))
+            threading.Thread(target=end).start()
+        return 0x0000
+
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title,
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    finals = [status for status, _ in assoc.send_c_get(ident, StudyRootGet)
+              if status and status.Status not in (0xFF00, 0xFF01)]
+    assoc.abort()  # no-op after its own abort; after a shutdown, closes its side
+    assert not finals and 3 <= len(received) < 20
+    receiver = Receiver()
+    _, final, _ = receiver.get(node, ident)
+    assert final.Status == 0x0000 and counts(final) == (20, 0, 0)
+    assert set(receiver.received) == {str(ds.SOPInstanceUID) for ds in study}
