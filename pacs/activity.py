@@ -49,6 +49,9 @@ _END_WAIT_S = 1.0  # see _finish
 FLUSH_EVERY_S = 2.0  # audit rows of running associations are written this often
 _numbers = itertools.count(1)
 _activities: "weakref.WeakKeyDictionary[Association, Activity]" = weakref.WeakKeyDictionary()
+# Taken out of _activities (so the flusher leaves them to on_close), still waiting in
+# _finish for the event that says how they ended.
+_closing: "weakref.WeakKeyDictionary[Association, Activity]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -228,8 +231,12 @@ def on_open(event: Event) -> None:
 
 
 def on_end(event: Event) -> None:
-    """EVT_RELEASED / EVT_ABORTED / EVT_REJECTED: note how the association ended."""
-    record = activity(event.assoc)
+    """EVT_RELEASED / EVT_ABORTED / EVT_REJECTED: note how the association ended.
+
+    It may come after the connection closed: then on_close is waiting for it."""
+    with _lock:
+        record = _closing.get(event.assoc)
+    record = record or activity(event.assoc)
     if not record.outcome:
         if event.event is evt.EVT_REJECTED:
             record.outcome = _rejection(event.assoc)
@@ -247,8 +254,12 @@ def on_close(event: Event, archive: Any) -> None:
     """EVT_CONN_CLOSE: log the association's line and write the rest of its audit events."""
     assoc = event.assoc
     with _lock:
-        record = _activities.pop(assoc, None) or Activity()
-    outcome = _finish(assoc, record)
+        record = _closing[assoc] = _activities.pop(assoc, None) or Activity()
+    try:
+        outcome = _finish(assoc, record)
+    finally:
+        with _lock:
+            _closing.pop(assoc, None)
     caller, peer = _who(assoc)
     if not caller:  # a TCP probe, a port scan: no A-ASSOCIATE-RQ ever came
         log.debug("connection from %s closed without an association request", peer)

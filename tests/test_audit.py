@@ -168,6 +168,21 @@ def store_rows(proc, wanted, timeout: float = 30) -> list[dict]:
         time.sleep(0.3)
 
 
+def test_every_released_association_is_logged_as_released(serve_process):
+    """The connection may close (EVT_CONN_CLOSE, on the network thread) a moment before
+    the association thread triggers EVT_RELEASED: the closing line still says released."""
+    proc = serve_process(network={"workers": 1})
+    for _ in range(40):
+        assoc = associate(proc, ae_title="RELEASER")
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        assert assoc.is_released
+    assert proc.terminate() == 0
+    outcomes = re.findall(r"association #\d+ RELEASER@127\.0\.0\.1:\d+ -> MINIPACS: (.*?) after",
+                          proc.log_text())
+    assert outcomes == ["released"] * 40
+
+
 def test_store_rows_of_a_running_association_survive_sigkill(serve_process):
     """Rows reach the index while the association is open, a later count as an update."""
     proc = serve_process()
