@@ -23,7 +23,7 @@ from pydicom import Dataset
 from pacs.committer import GroupCommitter
 from pacs.config import Config
 from pacs.filestore import FileStore, StoreWriteError
-from pacs.header import InvalidInstance, Values, check_identity, read_header
+from pacs.header import InvalidInstance, check_identity, read_header
 from pacs.index.audit import write_events
 from pacs.index.db import close_database, open_database
 from pacs.index.postgres import discard_broken_connection
@@ -132,9 +132,9 @@ class Archive:
         if not owned:  # a received file was checked before it was written (services.store)
             self.check_space()
         header = read_header(path)
-        uids = check_identity(header.dataset, affected_sop_uid)
+        uids = check_identity(header.values, affected_sop_uid)
         sop_uid, study_uid = uids[0], uids[2]
-        patient_id = Values(header.dataset).text("PatientID", 64)
+        patient_id = header.values.text("PatientID", 64)
         relpath = self.store.relpath(sop_uid)
         with self._lock_for(sop_uid):
             # The name is the UID's, so a stat finds duplicates; only then ask the index,
@@ -149,7 +149,7 @@ class Archive:
                 _, size = self.store.commit(staged, relpath)
             except (StoreWriteError, OSError) as exc:
                 raise OutOfResources(f"cannot write the file: {exc.strerror or exc}") from None
-            record = build_record(header.dataset, uids, header.transfer_syntax, relpath, size,
+            record = build_record(header.values, uids, header.transfer_syntax, relpath, size,
                                   header.blob)
             try:
                 with _index_errors():

@@ -56,6 +56,11 @@ class Header:
     blob: bytes
     transfer_syntax: str
 
+    @functools.cached_property
+    def values(self) -> "Values":
+        """Its index values: one reader (and one character set lookup) per header."""
+        return Values(self.dataset)
+
 
 def _at_bulk(tag: int, vr: str | None, length: int) -> bool:
     # `tag >> 16` is a plain int: BaseTag's own comparisons cost ~1 us per element.
@@ -281,13 +286,12 @@ def check_uid(name: str, value: object) -> str:
     return text
 
 
-def check_identity(ds: Dataset, affected_sop_instance: str | None) -> tuple[str, str, str, str]:
+def check_identity(values: Values, affected_sop_instance: str | None) -> tuple[str, str, str, str]:
     """Validate the four UIDs an instance is filed under; return them.
 
     The SOP Instance UID must also equal the request's Affected SOP Instance UID,
     else the file would be indexed under a UID the sender never announced.
     """
-    values = Values(ds)
     sop_instance = check_uid("SOPInstanceUID (0008,0018)", values.text("SOPInstanceUID"))
     sop_class = check_uid("SOPClassUID (0008,0016)", values.text("SOPClassUID"))
     study = check_uid("StudyInstanceUID (0020,000D)", values.text("StudyInstanceUID"))

@@ -91,11 +91,11 @@ def reindex(archive: Archive, progress: bool = True) -> ReindexSummary:
         path = store.path(relpath)
         try:
             header = read_header(path)
-            uids = check_identity(header.dataset, None)
+            uids = check_identity(header.values, None)
         except InvalidInstance as exc:
             summary.failed.append((relpath, str(exc)))
             continue
-        batch.append(build_record(header.dataset, uids, header.transfer_syntax, relpath,
+        batch.append(build_record(header.values, uids, header.transfer_syntax, relpath,
                                   path.stat().st_size, header.blob))
         if len(batch) >= REINDEX_BATCH:
             write_batch(batch)

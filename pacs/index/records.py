@@ -5,8 +5,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from pydicom import Dataset
-
 from pacs.header import Values
 
 
@@ -30,12 +28,11 @@ class InstanceRecord:
 
 
 def build_record(
-    ds: Dataset, uids: tuple[str, str, str, str], transfer_syntax: str,
+    values: Values, uids: tuple[str, str, str, str], transfer_syntax: str,
     relpath: str, size: int, header: bytes,
 ) -> InstanceRecord:
     """Column values for one instance whose UIDs were already validated."""
     sop_uid, sop_class, study_uid, series_uid = uids
-    values = Values(ds)
     text = values.text
     name = text("PatientName")
     referring = text("ReferringPhysicianName")
