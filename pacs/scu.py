@@ -59,6 +59,14 @@ class Response:
     status: int
     comment: str = ""
 
+    @classmethod
+    def to_store(cls, command: Command, msg_id: int) -> Response | None:
+        """The status of `command` if it is a C-STORE-RSP to request `msg_id`, else None."""
+        status = command.us(0x0900)
+        if command.us(0x0100) != C_STORE_RSP or command.us(0x0120) != msg_id or status is None:
+            return None
+        return cls(status, command.text(0x0902))
+
 
 class StoreAssociation:
     """An established association on which this side is the Storage SCU."""
@@ -87,11 +95,11 @@ class StoreAssociation:
         except (OSError, EOFError) as exc:
             self.abort()
             raise ConnectionLost(str(exc) or type(exc).__name__) from None
-        status = answer.us(0x0900)
-        if answer.us(0x0100) != C_STORE_RSP or answer.us(0x0120) != msg_id or status is None:
+        response = Response.to_store(answer, msg_id)
+        if response is None:
             self.abort()
             raise ConnectionLost("the answer is not a C-STORE-RSP to our request")
-        return Response(status, answer.text(0x0902))
+        return response
 
     def _read_command(self) -> Command:
         fragments = []

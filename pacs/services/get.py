@@ -18,7 +18,7 @@ from pynetdicom.events import Event
 
 from pacs.archive import Archive
 from pacs.pdata import (
-    C_STORE_RSP, P_DATA, FileRegion, PDataWriter, command_fragments, parse_command, store_command,
+    P_DATA, FileRegion, PDataWriter, command_fragments, parse_command, store_command,
 )
 from pacs.scu import ConnectionLost, Response
 from pacs.services.retrieve import RequesterWriter, Responder, serve_retrieve
@@ -113,11 +113,7 @@ def _store_response(pdu: bytes, msg_id: int) -> Response | None:
     fragments = command_fragments(body)
     if len(fragments) != 1 or not fragments[0][1]:
         return None
-    command = parse_command(fragments[0][0])
-    status = command.us(0x0900)
-    if command.us(0x0100) != C_STORE_RSP or command.us(0x0120) != msg_id or status is None:
-        return None
-    return Response(status, command.text(0x0902))
+    return Response.to_store(parse_command(fragments[0][0]), msg_id)
 
 
 def handle_get(event: Event, archive: Archive) -> None:
