@@ -30,7 +30,7 @@ from pacs.index.postgres import discard_broken_connection
 from pacs.index.models import Instance
 from pacs.index.records import InstanceRecord, build_record
 from pacs.index.selection import Match, find_instances, select_matches
-from pacs.index.writer import IndexWriter
+from pacs.index.writer import IndexWriter, Written
 
 log = logging.getLogger(__name__)
 _LOCK_STRIPES = 64
@@ -86,18 +86,18 @@ class Archive:
         self.store = FileStore(config.storage.root, fsync=config.storage.fsync)
         self.store.prepare()
         open_database(config.database.url, durable=config.storage.fsync)
-        self._writer = IndexWriter()
+        self._writer = IndexWriter(keep_existing=config.storage.on_duplicate == "keep")
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
-        self._committer: GroupCommitter[tuple[InstanceRecord, str]] = GroupCommitter(
+        self._committer: GroupCommitter[tuple[InstanceRecord, str], Written] = GroupCommitter(
             self._commit
         )
 
     def close(self) -> None:
         close_database()
 
-    def _commit(self, items: Sequence[tuple[InstanceRecord, str]]) -> None:
+    def _commit(self, items: Sequence[tuple[InstanceRecord, str]]) -> list[Written]:
         self.store.sync_dirs([relpath for _, relpath in items])
-        self._writer.write(record for record, _ in items)
+        return self._writer.write(record for record, _ in items)
 
     def _lock_for(self, sop_uid: str) -> threading.Lock:
         digest = hashlib.blake2b(sop_uid.encode(), digest_size=2).digest()
@@ -135,10 +135,11 @@ class Archive:
         uids = check_identity(header.values, affected_sop_uid)
         sop_uid, study_uid = uids[0], uids[2]
         patient_id = header.values.text("PatientID", 64)
-        relpath = self.store.relpath(sop_uid)
+        relpath = self.store.relpath(sop_uid, study_uid, uids[3])
         with self._lock_for(sop_uid):
-            # The name is the UID's, so a stat finds duplicates; only then ask the index,
-            # as a crash before the commit can leave a file without its row.
+            # The path is the UIDs', so a stat finds duplicates; only then ask the index,
+            # as a crash before the commit can leave a file without its row. An instance
+            # filed elsewhere (another series, the first layout) is found by the writer.
             existed = self.store.exists(relpath) and self._indexed(sop_uid)
             if existed and self.config.storage.on_duplicate == "keep":
                 if owned:
@@ -153,15 +154,19 @@ class Archive:
                                   header.blob)
             try:
                 with _index_errors():
-                    self._committer.commit((record, relpath))
+                    written = self._committer.commit((record, relpath))
             except OutOfResources:
                 # Refused means not stored: a new file without its row goes again. A
                 # replaced file stays, under the row it already has.
                 if not existed:
                     self.store.remove(relpath)
                 raise
-        return Ingested(sop_uid, Outcome.REPLACED if existed else Outcome.STORED, size, study_uid,
-                        patient_id)
+            if written.unindexed is not None:
+                self.store.remove(written.unindexed)
+        if written.unindexed == relpath:  # on_duplicate: keep, and the first was elsewhere
+            return Ingested(sop_uid, Outcome.DUPLICATE, 0, study_uid, patient_id)
+        outcome = Outcome.REPLACED if existed or written.existed else Outcome.STORED
+        return Ingested(sop_uid, outcome, size, study_uid, patient_id)
 
     def _indexed(self, sop_uid: str) -> bool:
         with _index_errors():

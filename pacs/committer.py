@@ -15,20 +15,22 @@ from typing import Callable, Generic, Sequence, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")
 
 
-class GroupCommitter(Generic[T]):
-    """`commit(item)` returns once `commit_batch` has run on a batch holding it."""
+class GroupCommitter(Generic[T, R]):
+    """`commit(item)` returns once `commit_batch` has run on a batch holding it, with
+    what `commit_batch` returned for it (one result per item, in order)."""
 
-    def __init__(self, commit_batch: Callable[[Sequence[T]], None], max_batch: int = 500):
+    def __init__(self, commit_batch: Callable[[Sequence[T]], Sequence[R]], max_batch: int = 500):
         self._commit_batch = commit_batch
         self._max_batch = max_batch
         self._pending: list[tuple[T, Future]] = []
         self._pending_lock = threading.Lock()
         self._lead = threading.Lock()
 
-    def commit(self, item: T) -> None:
-        """Commit one item, possibly together with others; re-raise its failure."""
+    def commit(self, item: T) -> R:
+        """Commit one item, possibly together with others; its result, or its failure."""
         future: Future = Future()
         with self._pending_lock:
             self._pending.append((item, future))
@@ -40,11 +42,11 @@ class GroupCommitter(Generic[T]):
                     batch = self._pending[: self._max_batch]
                     del self._pending[: self._max_batch]
                 self._run(batch)
-        future.result()
+        return future.result()
 
     def _run(self, batch: list[tuple[T, Future]]) -> None:
         try:
-            self._commit_batch([item for item, _ in batch])
+            results = self._commit_batch([item for item, _ in batch])
         except Exception as exc:  # isolate the bad item so the others still land
             if len(batch) == 1:
                 batch[0][1].set_exception(exc)
@@ -53,5 +55,5 @@ class GroupCommitter(Generic[T]):
             for entry in batch:
                 self._run([entry])
             return
-        for _, future in batch:
-            future.set_result(None)
+        for (_, future), result in zip(batch, results):
+            future.set_result(result)

@@ -123,7 +123,7 @@ def verify(archive: Archive, progress: bool = True) -> list[str]:
             continue
         if actual != size:
             problems.append(f"size mismatch: {relpath}: index {size}, file {actual} bytes")
-        if store.relpath(sop_uid) != relpath:
+        if os.path.basename(relpath) != store.file_name(sop_uid):
             problems.append(f"name mismatch: {relpath} is not named for {sop_uid}")
         try:
             in_file = str(read_header(store.path(relpath)).dataset.get("SOPInstanceUID", ""))

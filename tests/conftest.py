@@ -359,10 +359,24 @@ def run_pacs(*args: str, config: Path | None = None, timeout: float = 120, cwd: 
                           env=environ)
 
 
-def stored_path(config: Config, sop_uid: str) -> Path:
-    """Where the layout contract puts an instance: root/ab/cd/<sha256(uid)>.dcm."""
-    digest = hashlib.sha256(sop_uid.encode("ascii")).hexdigest()
-    return config.storage.root / digest[:2] / digest[2:4] / f"{digest}.dcm"
+def _sha256(uid: object) -> str:
+    return hashlib.sha256(str(uid).encode("ascii")).hexdigest()
+
+
+def stored_path(config: Config, ds: Dataset) -> Path:
+    """Where the layout contract puts an instance:
+    root/ab/cd/abcd<12>/<16>/<64>.dcm, from the SHA-256 of its study, series and SOP UIDs."""
+    study, series = _sha256(ds.StudyInstanceUID)[:16], _sha256(ds.SeriesInstanceUID)[:16]
+    return (config.storage.root / study[:2] / study[2:4] / study / series
+            / f"{_sha256(ds.SOPInstanceUID)}.dcm")
+
+
+def stored_file(config: Config, sop_uid: str) -> Path:
+    """The file named for this SOP Instance UID, in whichever folder its study put it."""
+    name = f"{_sha256(sop_uid)}.dcm"
+    found = [path for path in store_files(config) if path.name == name]
+    assert len(found) == 1, f"{len(found)} files named for {sop_uid}"
+    return found[0]
 
 
 def store_files(config: Config) -> set[Path]:

@@ -28,7 +28,7 @@ def store(node, datasets: list[Dataset]) -> dict[str, bytes]:
     """C-STORE the datasets into the node; return each one's data set bytes as stored."""
     statuses = send_datasets(node, datasets)
     assert [s.Status for s in statuses] == [0] * len(datasets)
-    return {str(ds.SOPInstanceUID): dataset_bytes(stored_path(node.config, str(ds.SOPInstanceUID)))
+    return {str(ds.SOPInstanceUID): dataset_bytes(stored_path(node.config, ds))
             for ds in datasets}
 
 

@@ -143,7 +143,7 @@ def test_every_operation_refused_without_permission(make_node, caplog):
                      "find": NOT_PERMITTED, "move": NOT_PERMITTED, "get": NOT_PERMITTED,
                      "commitment": NOT_AUTHORIZED}
     assert all(answer.ErrorComment == "not permitted" for answer in answers.values())
-    assert not stored_path(node.config, ds.SOPInstanceUID).exists()
+    assert not stored_path(node.config, ds).exists()
     # One WARNING each, tied to the association by its number, with the status answered.
     refusals = [re.fullmatch(r"#(\d+) (\S+) from NOBODY refused \((0x\w{4})\): (\w+) not permitted",
                              record.getMessage()) for record in caplog.records
@@ -192,7 +192,7 @@ def test_permissions_are_per_operation(make_node):
     assert [s.Status for s, _ in modality.send_c_find(
         study_query(), StudyRootQueryRetrieveInformationModelFind)] == [NOT_PERMITTED]
     modality.release()
-    assert stored_path(node.config, ds.SOPInstanceUID).is_file()
+    assert stored_path(node.config, ds).is_file()
 
     received: list[str] = []
     ws = try_associate(node, "WS", received=received)

@@ -61,7 +61,7 @@ def test_import_folder(tmp_path, database_url, on_duplicate):
     assert f"skipped (not DICOM): {source / 'notes.txt'}" in lines
     assert f"skipped (not DICOM): {source / 'deeper' / 'empty.dcm'}" in lines
     assert any(line.startswith(f"failed: {source / 'cut.dcm'}: ") for line in lines)
-    files = {stored_path(load(config), ds.SOPInstanceUID) for ds in good}
+    files = {stored_path(load(config), ds) for ds in good}
     assert store_files(load(config)) == files
     assert {p: p.read_bytes() for p in before} == before  # sources untouched
 
@@ -73,7 +73,7 @@ def test_import_folder(tmp_path, database_url, on_duplicate):
     assert result.stdout.splitlines()[-1] == "stored 0, duplicates 6, skipped 2 non-DICOM, failed 1"
     assert store_files(load(config)) == files
     winner = changed.read_bytes() if on_duplicate == "replace" else before[changed]
-    assert stored_path(load(config), good[-1].SOPInstanceUID).read_bytes() == winner  # copied as is
+    assert stored_path(load(config), good[-1]).read_bytes() == winner  # copied as is
     with open_index(config):
         assert len(index_snapshot()["instances"]) == 6
 
@@ -147,13 +147,15 @@ def delete_file(root: Path, relpath: str) -> str:
 
 
 def add_dcm_file(root: Path, relpath: str) -> str:
-    shutil.copy(root / relpath, root / relpath[:6] / ("f" * 64 + ".dcm"))
-    return f"file without row: {relpath[:6]}{'f' * 64}.dcm"
+    folder = relpath.rpartition("/")[0]
+    shutil.copy(root / relpath, root / folder / ("f" * 64 + ".dcm"))
+    return f"file without row: {folder}/{'f' * 64}.dcm"
 
 
 def add_other_file(root: Path, relpath: str) -> str:
-    (root / relpath[:6] / "notes.txt").write_text("stray")
-    return f"stray file: {relpath[:6]}notes.txt"
+    folder = relpath.rpartition("/")[0]
+    (root / folder / "notes.txt").write_text("stray")
+    return f"stray file: {folder}/notes.txt"
 
 
 def truncate_file(root: Path, relpath: str) -> str:

@@ -11,7 +11,7 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import N_EVENT_REPORT_RSP
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
-from tests.conftest import free_port, stored_path
+from tests.conftest import free_port, stored_file
 from tests.dicomgen import make_study
 from tests.retrieve_support import store
 
@@ -117,7 +117,7 @@ def test_some_missing_are_failed_with_reason_0112(node, modality, stored):
 
 
 def test_file_deleted_behind_the_index_is_not_committed(node, modality, stored):
-    stored_path(node.config, stored[0][1]).unlink()
+    stored_file(node.config, stored[0][1]).unlink()
     modality.request(node, stored)
     event_type, outcome, _ = modality.report()
     assert event_type == 2 and outcome[stored[0][1]] == 0x0112

@@ -37,10 +37,11 @@ def test_parallel_associations_store_everything_once(node):
     assert statuses == [0] * ASSOCIATIONS * PER_ASSOCIATION
 
     sent = {ds.SOPInstanceUID for batch in batches for ds in batch}
+    files = {stored_path(node.config, ds) for batch in batches for ds in batch}
     assert len(sent) == ASSOCIATIONS * PER_ASSOCIATION
     assert Instance.select().count() == len(sent)
     assert {i.sop_uid for i in Instance.select()} == sent
-    assert store_files(node.config) == {stored_path(node.config, uid_) for uid_ in sent}
+    assert store_files(node.config) == files
     assert {s.num_instances for s in Series.select()} == {PER_ASSOCIATION}
     assert Series.select().count() == ASSOCIATIONS
     half = ASSOCIATIONS // 2

@@ -122,7 +122,7 @@ def test_get_vanished_file_is_failed_and_named(node):
     study = make_study(series=1, per_series=3)
     store(node, study)
     gone = str(study[0].SOPInstanceUID)
-    stored_path(node.config, gone).unlink()
+    stored_path(node.config, study[0]).unlink()
     receiver = Receiver()
     _, final, failed = receiver.get(node, identifier("STUDY", StudyInstanceUID=study[0].StudyInstanceUID))
     assert final.Status == 0xB000 and counts(final) == (2, 1, 0)

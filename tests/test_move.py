@@ -237,7 +237,7 @@ def test_vanished_file_is_failed_named_and_verified(make_node, destinations):
     study = make_study(series=1, per_series=3)
     store(node, study)
     gone = str(study[1].SOPInstanceUID)
-    stored_path(node.config, gone).unlink()
+    stored_path(node.config, study[1]).unlink()
     _, final, failed = move(node, identifier("STUDY", StudyInstanceUID=study[0].StudyInstanceUID))
     assert final.Status == 0xB000 and counts(final) == (2, 1, 0)
     assert failed_uids(failed) == {gone}

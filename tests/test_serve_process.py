@@ -62,7 +62,7 @@ def test_sigterm_completes_running_stores_and_exits_0(serve_process, workers):
     with open_index(proc.config_path):
         assert {i.sop_uid for i in Instance.select()} == {big.SOPInstanceUID, late.SOPInstanceUID}
     for ds in (big, late):
-        assert dataset_bytes(stored_path(proc.config, ds.SOPInstanceUID)) == expected_bytes(ds)
+        assert dataset_bytes(stored_path(proc.config, ds)) == expected_bytes(ds)
     assert staging_files(proc.config) == []
     assert "instances: 2" in run_pacs("stats", config=proc.config_path).stdout
 

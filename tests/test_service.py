@@ -168,7 +168,7 @@ def test_port_104_as_the_unit_runs_it():
                 assert f"{line}:\t0000000000000400" in status, status
             ds = make_instance()
             assert [s.Status for s in send_datasets(proc, [ds], ae_title="WS1")] == [0]
-            assert stored_path(proc.config, ds.SOPInstanceUID).stat().st_uid == SERVICE_UID
+            assert stored_path(proc.config, ds).stat().st_uid == SERVICE_UID
             assert proc.terminate() == 0
         finally:
             proc.kill()

@@ -12,10 +12,10 @@ from pynetdicom.sop_class import Verification
 
 from pacs.index.models import Instance, Patient, Series, Study
 from tests.conftest import (
-    DCMTK, associate, dataset_bytes, delete_index, needs_dcmtk, send_datasets, store_files,
-    stored_path,
+    DCMTK, associate, dataset_bytes, delete_index, needs_dcmtk, run_pacs, send_datasets,
+    store_files, stored_path,
 )
-from tests.dicomgen import CT, make_instance, make_study, write
+from tests.dicomgen import CT, make_instance, make_study, uid, write
 
 
 def sent_bytes(ds: pydicom.Dataset) -> bytes:
@@ -41,10 +41,10 @@ def test_store_files_rows_and_counters(node):
     datasets = make_study(series=2, per_series=3)
     assert [s.Status for s in send_datasets(node, datasets)] == [0] * 6
 
-    assert store_files(node.config) == {stored_path(node.config, ds.SOPInstanceUID)
+    assert store_files(node.config) == {stored_path(node.config, ds)
                                         for ds in datasets}
     for ds in datasets:
-        path = stored_path(node.config, ds.SOPInstanceUID)
+        path = stored_path(node.config, ds)
         assert dataset_bytes(path) == sent_bytes(ds)
         row = Instance.get(Instance.sop_uid == ds.SOPInstanceUID)
         assert (row.sop_class_uid, row.transfer_syntax, row.size) == (
@@ -71,8 +71,7 @@ def test_store_with_dcmtk_storescu(node, tmp_path):
     result = storescu(node, files)
     assert result.returncode == 0, result.stderr
     for path in files:
-        sop_uid = pydicom.dcmread(path).SOPInstanceUID
-        assert dataset_bytes(stored_path(node.config, sop_uid)) == dataset_bytes(path)
+        assert dataset_bytes(stored_path(node.config, pydicom.dcmread(path))) == dataset_bytes(path)
     assert {i.sop_uid for i in Instance.select()} == {ds.SOPInstanceUID for ds in datasets}
     assert Series.get().num_instances == 3
 
@@ -92,7 +91,7 @@ def test_compressed_stored_as_received(node, tmp_path, tool, option, syntax):
     result = storescu(node, [packed], option)
     assert result.returncode == 0, result.stderr
 
-    stored = stored_path(node.config, sent.SOPInstanceUID)
+    stored = stored_path(node.config, sent)
     kept = pydicom.dcmread(stored)
     assert kept.file_meta.TransferSyntaxUID == syntax
     assert kept.PixelData == sent.PixelData
@@ -108,12 +107,56 @@ def test_duplicate_sop_instance(make_node, on_duplicate, winner_index):
     assert [s.Status for s in send_datasets(node, [first, second])] == [0, 0]
 
     winner = (first, second)[winner_index]
-    assert dataset_bytes(stored_path(node.config, first.SOPInstanceUID)) == sent_bytes(winner)
+    assert dataset_bytes(stored_path(node.config, first)) == sent_bytes(winner)
     assert len(store_files(node.config)) == 1
     row = Instance.get()
     assert (Instance.select().count(), row.instance_number) == (1, str(winner.InstanceNumber))
     assert (Series.get().num_instances, Study.get().num_instances,
             Patient.get().num_instances) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("on_duplicate", ["replace", "keep"])
+def test_instance_sent_again_in_another_series(make_node, on_duplicate):
+    """The same SOP Instance UID in another series belongs in that series' folder: one
+    file and one row remain, the new ones (replace) or the first (keep)."""
+    node = make_node(storage={"on_duplicate": on_duplicate})
+    first = make_instance(number=1)
+    again = make_instance(number=2, series=uid("another series"), sop=first.SOPInstanceUID)
+    assert [s.Status for s in send_datasets(node, [first, again])] == [0, 0]
+
+    winner = again if on_duplicate == "replace" else first
+    root = node.config.storage.root
+    assert store_files(node.config) == {stored_path(node.config, winner)}
+    assert dataset_bytes(stored_path(node.config, winner)) == sent_bytes(winner)
+    assert [(i.path, i.instance_number) for i in Instance.select()] == [
+        (str(stored_path(node.config, winner).relative_to(root)), str(winner.InstanceNumber))]
+    counts = {s.series_uid: s.num_instances for s in Series.select()}
+    assert counts == ({first.SeriesInstanceUID: 0, again.SeriesInstanceUID: 1}
+                      if on_duplicate == "replace" else {first.SeriesInstanceUID: 1})
+    assert (Study.get().num_instances, Patient.get().num_instances) == (1, 1)
+
+
+def test_files_of_the_first_layout_are_indexed_and_moved_when_replaced(node):
+    """root/ab/cd/<sha256 of the SOP Instance UID>.dcm, the layout before series
+    folders: reindex and verify take it, and a replacement moves it to its series."""
+    ds = make_instance()
+    assert send_datasets(node, [ds])[0].Status == 0
+    node.stop()
+    root, new = node.config.storage.root, stored_path(node.config, ds)
+    old = root / new.name[:2] / new.name[2:4] / new.name
+    old.parent.mkdir(parents=True, exist_ok=True)
+    new.rename(old)
+    delete_index(node.config)
+    reindexed = run_pacs("reindex", "--no-progress", config=node.config_path)
+    assert reindexed.stdout.splitlines()[-1] == "reindexed 1 instances, 0 unreadable files"
+    assert run_pacs("verify", "--no-progress", config=node.config_path).returncode == 0
+    node.restart()
+    assert [i.path for i in Instance.select()] == [str(old.relative_to(root))]
+
+    assert send_datasets(node, [ds])[0].Status == 0
+    assert store_files(node.config) == {new}
+    assert [i.path for i in Instance.select()] == [str(new.relative_to(root))]
+    assert Series.get().num_instances == 1
 
 
 def test_keep_still_indexes_a_file_without_row(make_node):
@@ -129,7 +172,7 @@ def test_keep_still_indexes_a_file_without_row(make_node):
     assert send_datasets(node, [ds])[0].Status == 0
     assert [i.sop_uid for i in Instance.select()] == [ds.SOPInstanceUID]
     assert Series.get().num_instances == 1
-    assert store_files(node.config) == {stored_path(node.config, ds.SOPInstanceUID)}
+    assert store_files(node.config) == {stored_path(node.config, ds)}
 
 
 def test_patients_keyed_by_id_and_issuer(node, caplog):
@@ -160,7 +203,7 @@ def test_patients_keyed_by_id_and_issuer(node, caplog):
 def test_non_ascii_names_stored_decoded(node, charset, name, encoded):
     ds = make_instance(patient_name=name, charset=charset)
     assert send_datasets(node, [ds])[0].Status == 0
-    assert encoded in dataset_bytes(stored_path(node.config, ds.SOPInstanceUID))
+    assert encoded in dataset_bytes(stored_path(node.config, ds))
     patient = Patient.get()
     assert (patient.patient_name, patient.patient_name_fold) == (name, name.casefold())
 
@@ -177,7 +220,7 @@ def test_header_longer_than_the_first_read(node, private_bytes):
     ds.InstanceNumber = 417  # group 0020: after the private group 0009
     assert send_datasets(node, [ds])[0].Status == 0
     row = Instance.get(Instance.sop_uid == ds.SOPInstanceUID)
-    data = stored_path(node.config, ds.SOPInstanceUID).read_bytes()
+    data = stored_path(node.config, ds).read_bytes()
     assert row.instance_number == "417"
     assert row.header == data[:data.index(b"\xe0\x7f\x10\x00")]  # up to (7FE0,0010)
     assert len(row.header) > private_bytes

@@ -42,7 +42,7 @@ def assert_nothing_stored(node) -> None:
 def assert_still_serving(node) -> None:
     ds = make_instance(patient_id="AFTER")
     assert send_datasets(node, [ds])[0].Status == 0
-    assert stored_path(node.config, ds.SOPInstanceUID).is_file()
+    assert stored_path(node.config, ds).is_file()
     assert [i.sop_uid for i in Instance.select()] == [ds.SOPInstanceUID]
 
 
@@ -109,7 +109,7 @@ def staging_is_a_file(node, ds: Dataset) -> Iterator[None]:
 @contextmanager
 def shard_is_a_file(node, ds: Dataset) -> Iterator[None]:
     """The instance's first-level shard folder is a regular file: the final rename fails."""
-    shard = stored_path(node.config, ds.SOPInstanceUID).parent.parent
+    shard = stored_path(node.config, ds).parents[3]
     shard.write_bytes(b"")
     yield
     shard.unlink()

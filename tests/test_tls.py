@@ -110,7 +110,7 @@ def test_echo_and_store_over_tls_beside_the_plain_port(make_node, certs):
     finally:
         assoc.release()
     for ds in study:
-        stored = dcmread(stored_path(node.config, str(ds.SOPInstanceUID)))
+        stored = dcmread(stored_path(node.config, ds))
         assert stored.PixelData == ds.PixelData and stored.PatientName == ds.PatientName
     # the plain port still listens
     plain = make_study(patient_id="PLAIN", series=1, per_series=2)
@@ -129,8 +129,8 @@ def test_dcmtk_tls_clients_echo_and_store_byte_for_byte(make_node, certs, tmp_pa
     assert store.returncode == 0, store.stdout + store.stderr
     assert len(files) == 4
     for path in files:
-        sop_uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-        assert dataset_bytes(stored_path(node.config, sop_uid)) == dataset_bytes(path)
+        sent = dcmread(path, stop_before_pixels=True)
+        assert dataset_bytes(stored_path(node.config, sent)) == dataset_bytes(path)
 
 
 def test_handshake_fails_without_a_certificate_of_our_ca(make_node, certs):
@@ -226,7 +226,7 @@ def test_access_control_on_the_tls_port(make_node, certs):
     finally:
         assoc.release()
     for ds in study:
-        assert stored_path(node.config, str(ds.SOPInstanceUID)).is_file()
+        assert stored_path(node.config, ds).is_file()
 
 
 def test_find_and_get_over_tls(make_node, certs):
@@ -257,7 +257,7 @@ def test_find_and_get_over_tls(make_node, certs):
         evt_handlers=[(evt.EVT_C_STORE, on_store)], tls_args=client)
     assert final.Status == 0 and counts(final) == (12, 0, 0)
     assert received == {str(ds.SOPInstanceUID): dataset_bytes(
-        stored_path(node.config, str(ds.SOPInstanceUID))) for ds in studies}
+        stored_path(node.config, ds)) for ds in studies}
 
 
 def tls_destination(certs: Certificates, cert: Path, key: Path, client_ca: Path) -> RecordingSCP:
@@ -276,7 +276,7 @@ def test_move_to_a_tls_destination_sends_identical_bytes(make_node, certs):
                                StudyRootMove, destination="DEST", tls_args=client)
         assert final.Status == 0 and counts(final) == (6, 0, 0)
         assert {uid: data for uid, (_, data) in dest.received.items()} == {
-            str(ds.SOPInstanceUID): dataset_bytes(stored_path(node.config, str(ds.SOPInstanceUID)))
+            str(ds.SOPInstanceUID): dataset_bytes(stored_path(node.config, ds))
             for ds in study}
     finally:
         dest.stop()
@@ -306,7 +306,7 @@ def test_move_to_a_dcmtk_tls_storescp_byte_for_byte(make_node, certs, tmp_path):
         received = {str(dcmread(path, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(path)
                     for path in folder.iterdir()}
         assert received == {str(ds.SOPInstanceUID): dataset_bytes(
-            stored_path(node.config, str(ds.SOPInstanceUID))) for ds in study}
+            stored_path(node.config, ds)) for ds in study}
     finally:
         storescp.terminate()
         storescp.wait(10)

@@ -18,6 +18,7 @@ import functools
 import logging
 import operator
 from collections import Counter
+from dataclasses import dataclass
 from typing import Iterable
 
 from peewee import Field, Model, PostgresqlDatabase
@@ -51,7 +52,8 @@ class _Statements:
         self.shared = isinstance(self.backend, PostgresqlDatabase)  # other nodes may write too
         if self.shared:
             self.insert += ' ON CONFLICT ("sop_uid") DO NOTHING RETURNING "id"'
-        self.find = f'SELECT "id", "series_id" FROM "{table}" WHERE "sop_uid" = {param}'
+        self.find = (f'SELECT "id", "series_id", "path" FROM "{table}" '
+                     f'WHERE "sop_uid" = {param}')
         self.param = param
         self._lookups: dict[type[Model], str] = {}
 
@@ -224,39 +226,51 @@ class _Batch:
             ).execute()
 
 
+@dataclass(frozen=True)
+class Written:
+    """What writing one record did: whether its SOP Instance UID had a row already,
+    and the file no row names any more because of it (delete it after the commit)."""
+
+    existed: bool
+    unindexed: str | None = None  # the old row's file, or the record's own when kept
+
+
 class IndexWriter:
     """Writes batches, remembering parent rows so a series' next instance costs one INSERT.
 
     Only valid while this writer is the index's only writer in the process; the
     cache is dropped whenever a transaction fails (its rows may be rolled back).
+    With `keep_existing` (storage.on_duplicate: keep) a SOP Instance UID that has
+    a row keeps it as it is.
     """
 
     MAX_CACHED = 20000
 
-    def __init__(self) -> None:
+    def __init__(self, keep_existing: bool = False) -> None:
         self._rows = _Rows()
+        self._keep_existing = keep_existing
 
-    def write(self, records: Iterable[InstanceRecord]) -> None:
+    def write(self, records: Iterable[InstanceRecord]) -> list[Written]:
         """Insert or replace these instances (and their parents) in one transaction."""
         records = list(records)
         if self._rows.size() > self.MAX_CACHED:
             self._rows = _Rows()
-        in_write_transaction(lambda: self._write(records))
+        return in_write_transaction(lambda: self._write(records))
 
-    def _write(self, records: list[InstanceRecord]) -> None:
+    def _write(self, records: list[InstanceRecord]) -> list[Written]:
         try:
             batch = _Batch(self._rows)
-            for record in records:
-                _write_one(batch, record)
+            written = [_write_one(batch, record, self._keep_existing) for record in records]
             batch.flush()
         except BaseException:
             self._rows = _Rows()
             raise
+        return written
 
 
-def write_batch(records: Iterable[InstanceRecord]) -> None:
+def write_batch(records: Iterable[InstanceRecord]) -> list[Written]:
     """Insert or replace these instances in one transaction, without a row cache."""
-    IndexWriter().write(records)
+    return IndexWriter().write(records)
 
 
 def _find_or_create(model: type[Model], keys: tuple[Field, ...],
@@ -280,34 +294,38 @@ def _first(model: type[Model], sql: str, params: list) -> Model | None:
     return next(iter(model.raw(sql, *params)), None)
 
 
-def _find(sql: _Statements, sop_uid: str) -> tuple[int, int] | None:
-    """(id, series id) of the instance row with this SOP Instance UID, if any."""
+def _find(sql: _Statements, sop_uid: str) -> tuple[int, int, str] | None:
+    """(id, series id, file) of the instance row with this SOP Instance UID, if any."""
     return database.execute_sql(sql.find, (sop_uid,)).fetchone()
 
 
-def _write_one(batch: _Batch, record: InstanceRecord) -> None:
+def _write_one(batch: _Batch, record: InstanceRecord, keep_existing: bool) -> Written:
+    sql = _sql()
+    path = record.instance["path"]
+    # Insert first on PostgreSQL (each statement is a round trip): a new instance,
+    # the common case, costs one; a replacement, or another node's row, finds it
+    # after. A kept instance is looked up before anything is written for it.
+    old = _find(sql, record.sop_uid) if keep_existing or not sql.shared else None
+    if old is not None and keep_existing:
+        return Written(existed=True, unindexed=None if old[2] == path else path)
     patient = batch.patient(record.patient)
     study = batch.study(record.study, patient)
     series = batch.series_row(record.series, study)
     batch.add_multi(batch.studies_by_id(series.study_id), "sop_classes",
                     record.instance["sop_class_uid"])
-    sql = _sql()
-    if sql.shared:
-        # Insert first (each statement is a round trip): a new instance, the common
-        # case, costs one; a replacement, or another node's row, finds it after.
-        inserted = database.execute_sql(sql.insert, sql.insert_values(series.id, record.instance))
-        old = None if inserted.fetchone() is not None else _find(sql, record.sop_uid)
-    else:
-        old = _find(sql, record.sop_uid)
-        if old is None:
-            database.execute_sql(sql.insert, sql.insert_values(series.id, record.instance))
     if old is None:
-        batch.count_instance(series, 1)
-        return
-    old_id, old_series_id = old
+        inserted = database.execute_sql(sql.insert, sql.insert_values(series.id, record.instance))
+        if not sql.shared or inserted.fetchone() is not None:
+            batch.count_instance(series, 1)
+            return Written(existed=False)
+        old = _find(sql, record.sop_uid)  # another node's row, inserted meanwhile
+    old_id, old_series_id, old_path = old
+    if keep_existing:
+        return Written(existed=True, unindexed=None if old_path == path else path)
     Instance.update(series=series.id, **record.instance).where(Instance.id == old_id).execute()
     if old_series_id != series.id:
         log.warning("instance %s moved from series row %s to %s", record.sop_uid,
                     old_series_id, series.id)
         batch.count_instance(Series.get_by_id(old_series_id), -1)
         batch.count_instance(series, 1)
+    return Written(existed=True, unindexed=None if old_path == path else old_path)

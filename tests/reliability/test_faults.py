@@ -29,7 +29,7 @@ def assert_refused(proc, ds: Dataset, words: str) -> None:
     """0xA700 with an ErrorComment naming the problem; no file, no staging leftover, no row."""
     answer = store_one(proc, ds)
     assert answer.Status == 0xA700 and words in answer.ErrorComment, answer
-    assert not stored_path(proc.config, ds.SOPInstanceUID).exists()
+    assert not stored_path(proc.config, ds).exists()
     assert staging_files(proc.config) == []
     assert index_rows(database(proc), str(ds.SOPInstanceUID)) == 0
 
@@ -105,16 +105,16 @@ def test_unwritable_store_refuses_then_recovers(serve_process, rng):
 
 @needs_modes
 def test_unwritable_shard_folder_refuses_then_recovers(serve_process):
-    """Staging takes the data but the rename into root/ab/cd fails: the target shard
-    folder is read-only, or its parent is (the shard folder is still to be made)."""
+    """Staging takes the data but the rename into its series folder fails: that folder
+    is read-only, or its top-level folder is (the rest is still to be made)."""
     proc = serve_process(prefix=unprivileged())
     root = proc.config.storage.root
     first = make_instance(patient_id="SHARD", number=1)
-    shard = stored_path(proc.config, first.SOPInstanceUID).parent
-    # a second instance in another top-level folder: its "ab" is blocked, "cd" is missing
-    second = next(ds for ds in (make_instance(patient_id="SHARD", number=n) for n in range(2, 99))
-                  if stored_path(proc.config, ds.SOPInstanceUID).parent.parent != shard.parent)
-    top = stored_path(proc.config, second.SOPInstanceUID).parent.parent
+    shard = stored_path(proc.config, first).parent
+    # a second study in another top-level folder: its "ab" is blocked, the rest is missing
+    second = next(ds for ds in (make_instance(patient_id=f"SHARD{n}") for n in range(2, 99))
+                  if stored_path(proc.config, ds).parents[3] != shard.parents[2])
+    top = stored_path(proc.config, second).parents[3]
     cases = ((first, shard), (second, top))
     for _, blocked in cases:
         blocked.mkdir(parents=True)
@@ -127,7 +127,7 @@ def test_unwritable_shard_folder_refuses_then_recovers(serve_process):
             blocked.chmod(0o755)
     for ds, _ in cases:
         assert store_one(proc, ds).Status == 0
-        assert stored_path(proc.config, ds.SOPInstanceUID).is_file()
+        assert stored_path(proc.config, ds).is_file()
         assert index_rows(database(proc), str(ds.SOPInstanceUID)) == 1
     assert verify_problems(proc.config_path) == []
 
@@ -154,7 +154,7 @@ def test_locked_index_refuses_then_recovers(serve_process):
         locker.stdin.close()
         locker.wait(10)
     assert store_one(proc, ds).Status == 0
-    assert stored_path(proc.config, ds.SOPInstanceUID).is_file()
+    assert stored_path(proc.config, ds).is_file()
     assert verify_problems(proc.config_path) == []
 
 

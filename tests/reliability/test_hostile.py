@@ -22,7 +22,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyRootFind
 
-from tests.conftest import stored_path
+from tests.conftest import stored_file
 from tests.dicomgen import CT, make_instance, uid
 from tests.find_support import query
 from tests.reliability.conftest import scale
@@ -222,7 +222,7 @@ def test_mutated_datasets_are_refused_or_stored_safely(serve_process, rng):
         assert status not in (0xFF00, 0xFE00), f"case {n} ({what}): 0x{status:04X}"
         if status == 0:
             # A UID's trailing NUL or space is padding (PS3.5 9.1): stored without it.
-            assert stored_path(proc.config, affected.rstrip("\0 ")).is_file(), f"case {n} ({what})"
+            assert stored_file(proc.config, affected.rstrip("\0 ")).is_file(), f"case {n} ({what})"
         else:
             assert answer.get("ErrorComment"), f"case {n} ({what}): 0x{status:04X} without comment"
         outcomes[(what.split("=")[0].split(" at ")[0], f"0x{status:04X}")] += 1
