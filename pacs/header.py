@@ -13,13 +13,18 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from pydicom import Dataset
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
+from pydicom.dataset import FileMetaDataset
 from pydicom.multival import MultiValue
-from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR, TEXT_VR_DELIMS
+from pydicom.tag import BaseTag
+from pydicom.valuerep import (
+    CUSTOMIZABLE_CHARSET_VR, EXPLICIT_VR_LENGTH_16, EXPLICIT_VR_LENGTH_32, TEXT_VR_DELIMS,
+)
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.filewriter import dcmwrite
@@ -37,6 +42,12 @@ _PIXEL_GROUP = 0x7FE00000
 _UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _SEQ_DELIMITER = 0xFFFEE0DD
+_ITEM, _ITEM_DELIMITER = 0xFFFEE000, 0xFFFEE00D
+_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) encoded Little Endian
+_SHORT_VRS = {vr.encode(): vr for vr in EXPLICIT_VR_LENGTH_16}
+_LONG_VRS_STR = {vr.encode(): vr for vr in EXPLICIT_VR_LENGTH_32}
+_TAG_LENGTH = struct.Struct("<HHI")  # group, element, 32-bit length (Implicit VR, items)
+_EXPLICIT_SHORT = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length
 _BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW"})
 _VALUE_SIZES = {"US": 2, "SS": 2, "US or SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "SV": 8,
                 "UV": 8}
@@ -80,7 +91,7 @@ def read_header(path: Path) -> Header:
         try:
             size = os.fstat(fd).st_size
             head = os.pread(fd, HEAD_BYTES, 0)
-            parsed = _parse_head(head, size)
+            parsed = _scan(head, size) or _parse_head(head, size)
             if parsed is None:  # a header longer than `head`, or a broken one: the whole file
                 with open(fd, "rb", closefd=False) as fp:
                     parsed = _parse(fp)
@@ -129,7 +140,137 @@ def _parse_head(head: bytes, size: int) -> tuple[Dataset, int] | None:
     return None if deflated or end + 12 > len(head) else (ds, end)
 
 
-def _decode_fallible(ds: Dataset) -> None:
+def _scan(head: bytes, size: int) -> tuple[Dataset, int] | None:
+    """The common file's header read by hand, as `_parse_head` would read it; else None.
+
+    Common: a preamble, and a Little Endian data set (Implicit VR, or Explicit VR
+    under any transfer syntax but deflate and big endian) whose top-level
+    elements lie within `head`. The result holds the raw elements pydicom's
+    `read_partial` makes, four times faster (pydicom's was a fifth of a
+    C-STORE's CPU). Anything unusual (a VR we do not know, an undefined length
+    that is not a sequence, a header that goes on past `head`) is left to pydicom.
+    """
+    if head[128:132] != b"DICM":
+        return None
+    meta = _elements(head, 132, size, implicit=False, meta=True)
+    if meta is None:
+        return None
+    file_meta = FileMetaDataset(meta[0])
+    syntax = meta[0].get(0x00020010)
+    ts = UID(syntax.value.decode("ascii", "replace").rstrip("\0 ")) if syntax else None
+    if (ts is None or not ts.is_transfer_syntax or not ts.is_little_endian
+            or ts == DeflatedExplicitVRLittleEndian):
+        return None  # guessed, big endian, deflated or private: as pydicom reads it
+    implicit = ts.is_implicit_VR
+    start = meta[1]
+    if start + 6 <= len(head):  # as pydicom: a data set whose first VR says otherwise is not ours
+        explicit_vr = 0x40 < head[start + 4] < 0x5B and 0x40 < head[start + 5] < 0x5B
+        if explicit_vr == implicit or head[start:start + 2] == b"\0\0":  # or a command set
+            return None
+    found = _elements(head, start, size, implicit, meta=False)
+    if found is None:
+        return None
+    elements, end = found
+    ds = Dataset(elements)
+    ds.file_meta = file_meta
+    ds.set_original_encoding(implicit, True, Values(ds).encodings)
+    _decode_fallible(ds, elements.values())
+    return ds, end
+
+
+def _elements(head: bytes, pos: int, size: int, implicit: bool,
+              meta: bool) -> tuple[dict, int] | None:
+    """The top-level raw elements from `pos` to the end of the file meta (`meta`) or to
+    the first bulk element, and the offset of the first not taken; None if unsure."""
+    elements: dict[int, RawDataElement] = {}
+    limit = len(head)
+    while pos < limit:
+        if meta and head[pos:pos + 2] != b"\x02\x00":  # the data set begins: group 0002 ends
+            return elements, pos
+        parsed = _element_head(head, pos, implicit)
+        if parsed is None:
+            return None
+        tag, vr, length, width = parsed
+        if not meta and _at_bulk(tag, vr, length):
+            return (elements, pos) if pos + 12 <= limit else None  # as `_parse_head`
+        start = pos + width
+        if length == _UNDEFINED:
+            # As pydicom: an Implicit VR element the dictionary does not know is a
+            # sequence if an item follows.
+            vr = vr or _dictionary_vr(tag) or ("SQ" if head[start:start + 4] == _ITEM_TAG
+                                               else None)
+            if vr != "SQ":
+                return None
+            end = _skip_items(head, start, implicit)
+            if end is None:
+                return None
+            value, pos = head[start:end - 8], end  # the items, as a defined length holds them
+        else:
+            pos = start + length
+            if pos > limit:
+                return None
+            value = head[start:pos]
+        elements[tag] = RawDataElement(BaseTag(tag), vr, len(value), value, start, implicit, True)
+    return (elements, pos) if limit == size else None  # else the header goes on past `head`
+
+
+def _element_head(head: bytes, pos: int,
+                  implicit: bool) -> tuple[int, str | None, int, int] | None:
+    """(tag, VR or None, length, header width) of the element at `pos`; None if unsure."""
+    if pos + 8 > len(head):
+        return None
+    if implicit:
+        group, element, length = _TAG_LENGTH.unpack_from(head, pos)
+        return group << 16 | element, None, length, 8
+    group, element, raw_vr, length = _EXPLICIT_SHORT.unpack_from(head, pos)
+    tag = group << 16 | element
+    if group == 0xFFFE:  # items and delimiters carry no VR
+        return tag, None, _TAG_LENGTH.unpack_from(head, pos)[2], 8
+    vr = _SHORT_VRS.get(raw_vr)
+    if vr is not None:
+        return tag, vr, length, 8
+    vr = _LONG_VRS_STR.get(raw_vr)
+    if vr is None or pos + 12 > len(head):
+        return None
+    return tag, vr, int.from_bytes(head[pos + 8:pos + 12], "little"), 12
+
+
+def _skip_items(head: bytes, pos: int, implicit: bool) -> int | None:
+    """The offset just past the Sequence Delimitation Item of the undefined-length
+    sequence whose first item is at `pos`; None if unsure."""
+    while True:
+        parsed = _element_head(head, pos, True)
+        if parsed is None:
+            return None
+        tag, _, length, _ = parsed
+        if tag == _SEQ_DELIMITER:
+            return pos + 8
+        if tag != _ITEM:
+            return None
+        pos += 8
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        while True:  # the item's elements, up to its Item Delimitation Item
+            parsed = _element_head(head, pos, implicit)
+            if parsed is None:
+                return None
+            tag, vr, length, width = parsed
+            if tag == _ITEM_DELIMITER:
+                pos += 8
+                break
+            if tag >> 16 == 0xFFFE:
+                return None
+            if length == _UNDEFINED:
+                skipped = _skip_items(head, pos + width, implicit)
+                if skipped is None:
+                    return None
+                pos = skipped
+            else:
+                pos += width + length
+
+
+def _decode_fallible(ds: Dataset, raws: Iterable[RawDataElement] | None = None) -> None:
     """Decode every value whose decoding can fail, so a broken one is a parse error here.
 
     pydicom decodes values lazily, so a broken one would otherwise raise later,
@@ -139,8 +280,9 @@ def _decode_fallible(ds: Dataset) -> None:
     as it is, never refused; bytes stay bytes. So text and bytes stay raw here,
     numbers only have their length checked, and just sequences (and anything
     unusual) are decoded: a fraction of decoding everything (`Dataset.walk`).
+    `raws`: the data set's raw elements, where the caller has them at hand.
     """
-    for raw in ds.elements():
+    for raw in ds.elements() if raws is None else raws:
         vr = raw.VR or _dictionary_vr(raw.tag)
         if vr in _TEXT_VRS or vr in _BYTES_VRS:
             continue
