@@ -1,8 +1,8 @@
 """The archive facade: ingest orders file store and index so a crash is harmless.
 
 Order for every instance (C-STORE and `pacs import` alike):
-  parse header -> validate UIDs -> fsync file -> rename into place
-  -> fsync folder + commit index row (grouped) -> answer.
+  parse header -> validate UIDs -> fsync file -> rename into place -> fsync folder
+  -> commit index row (grouped with other associations') -> answer.
 A crash before the commit leaves at most a file without a row, which
 `pacs reindex`/`pacs verify` repair; a row without a file never happens.
 """
@@ -88,16 +88,13 @@ class Archive:
         open_database(config.database.url, durable=config.storage.fsync)
         self._writer = IndexWriter(keep_existing=config.storage.on_duplicate == "keep")
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
-        self._committer: GroupCommitter[tuple[InstanceRecord, str], Written] = GroupCommitter(
-            self._commit
-        )
+        self._committer: GroupCommitter[InstanceRecord, Written] = GroupCommitter(self._commit)
 
     def close(self) -> None:
         close_database()
 
-    def _commit(self, items: Sequence[tuple[InstanceRecord, str]]) -> list[Written]:
-        self.store.sync_dirs([relpath for _, relpath in items])
-        return self._writer.write(record for record, _ in items)
+    def _commit(self, records: Sequence[InstanceRecord]) -> list[Written]:
+        return self._writer.write(records)
 
     def _lock_for(self, sop_uid: str) -> threading.Lock:
         digest = hashlib.blake2b(sop_uid.encode(), digest_size=2).digest()
@@ -149,12 +146,14 @@ class Archive:
                 staged = path if owned else self.store.copy_in(path)
                 _, size = self.store.commit(staged, relpath)
             except (StoreWriteError, OSError) as exc:
+                if not existed:  # renamed, but its folder could not be synced
+                    self.store.remove(relpath)
                 raise OutOfResources(f"cannot write the file: {exc.strerror or exc}") from None
             record = build_record(header.values, uids, header.transfer_syntax, relpath, size,
                                   header.blob)
             try:
                 with _index_errors():
-                    written = self._committer.commit((record, relpath))
+                    written = self._committer.commit(record)
             except OutOfResources:
                 # Refused means not stored: a new file without its row goes again. A
                 # replaced file stays, under the row it already has.

@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +34,7 @@ STAGING = ".staging"
 SUFFIX = ".dcm"
 _NAME = re.compile(r"[0-9a-f]{64}\.dcm")
 _FINAL_DEPTHS = (2, 4)  # folders above a final file: first layout, study/series layout
+_DURABLE_KEPT = 100_000  # folders remembered as synced into their parent
 
 
 class StoreWriteError(OSError):
@@ -48,8 +48,7 @@ class FileStore:
         self.root = Path(root)
         self.fsync = fsync
         self.staging = self.root / STAGING
-        self._new_entries: set[str] = set()  # folders (relative) with entries not yet synced
-        self._new_lock = threading.Lock()
+        self._durable: set[str] = set()  # folders (relative) whose own entry was synced
 
     def prepare(self) -> None:
         """Create the root and staging folders; raise StoreWriteError if impossible."""
@@ -75,9 +74,9 @@ class FileStore:
         """Move a staged file to its final name: fsync (as configured), then rename.
 
         The staged file may live outside the root (another filesystem); it is then
-        copied into staging first. Returns the final path and its size. The folder
-        entries (the file's, and any folder made for it) are made durable by
-        :meth:`sync_dirs`, which callers batch before they commit the index.
+        copied into staging first. Returns the final path and its size. With fsync,
+        the file's entry in its folder, and that of any folder above it not known to
+        be durable, are synced before this returns: before the index row is committed.
         """
         final = self.root / relpath
         try:
@@ -93,40 +92,39 @@ class FileStore:
                     raise
                 self._make_folders(relpath)
                 os.rename(staged, final)
+            if self.fsync:
+                self._sync_entries(relpath)
             return final, size
         except OSError as exc:
             _unlink_quietly(staged)
             raise StoreWriteError(exc.errno, f"cannot store {relpath}: {exc.strerror}") from None
 
     def _make_folders(self, relpath: str) -> None:
-        """Create the missing folders of `relpath`; note whose entries to sync."""
+        """Create the missing folders of `relpath`."""
         parts = relpath.split("/")[:-1]
         for depth in range(1, len(parts) + 1):
-            folder, parent = "/".join(parts[:depth]), "/".join(parts[:depth - 1])
             try:
-                (self.root / folder).mkdir()
+                (self.root / "/".join(parts[:depth])).mkdir()
             except FileExistsError:
                 continue
-            if not self.fsync:
-                continue
-            with self._new_lock:
-                self._new_entries.add(parent)
 
-    def sync_dirs(self, relpaths: list[str]) -> None:
-        """fsync the folders holding these files, and those holding folders made since
-        the last call, once each, so renames and mkdirs survive a crash."""
-        if not self.fsync:
-            return
-        with self._new_lock:
-            folders, self._new_entries = self._new_entries, set()
-        folders.update(os.path.dirname(r) for r in relpaths)
-        try:
-            for folder in sorted(folders, key=len, reverse=True):  # the leaves first
-                _fsync_path(self.root / folder)
-        except OSError:
-            with self._new_lock:  # still owed by whichever commit comes next
-                self._new_entries |= folders
-            raise
+    def _sync_entries(self, relpath: str) -> None:
+        """fsync the file's folder, then each folder's parent up to the first folder whose
+        entry is known durable, so the rename and any mkdir survive a crash.
+
+        Each association does this on its own thread, outside the group commit: the
+        disk takes several at once, while one index transaction commits. A folder
+        another thread is making now is synced here too, not left to that thread.
+        """
+        folder = os.path.dirname(relpath)
+        _fsync_path(self.root / folder)
+        while folder and folder not in self._durable:
+            parent = os.path.dirname(folder)
+            _fsync_path(self.root / parent)
+            if len(self._durable) >= _DURABLE_KEPT:  # bounded; a forgotten one is synced again
+                self._durable.clear()
+            self._durable.add(folder)
+            folder = parent
 
     def remove(self, relpath: str) -> None:
         """Delete a final file (one whose index row could not be committed)."""
