@@ -115,6 +115,7 @@ def test_duplicate_sop_instance(make_node, on_duplicate, winner_index):
             Patient.get().num_instances) == (1, 1, 1)
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("on_duplicate", ["replace", "keep"])
 def test_instance_sent_again_in_another_series(make_node, on_duplicate):
     """The same SOP Instance UID in another series belongs in that series' folder: one
@@ -136,6 +137,7 @@ def test_instance_sent_again_in_another_series(make_node, on_duplicate):
     assert (Study.get().num_instances, Patient.get().num_instances) == (1, 1)
 
 
+@pytest.mark.both_backends
 def test_files_of_the_first_layout_are_indexed_and_moved_when_replaced(node):
     """root/ab/cd/<sha256 of the SOP Instance UID>.dcm, the layout before series
     folders: reindex and verify take it, and a replacement moves it to its series."""

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
 
-from peewee import Field, Model, PostgresqlDatabase
+from peewee import AutoField, Field, Model, PostgresqlDatabase
 
 from pacs.index.db import in_write_transaction
 from pacs.index.models import Instance, Patient, Series, Study, database
@@ -56,6 +56,7 @@ class _Statements:
                      f'WHERE "sop_uid" = {param}')
         self.param = param
         self._lookups: dict[type[Model], str] = {}
+        self._creates: dict[type[Model], tuple[str, list[Field]]] = {}
 
     def lookup(self, model: type[Model], keys: tuple[Field, ...]) -> str:
         """SELECT of the row with given values of `keys` (one parameter each)."""
@@ -64,6 +65,20 @@ class _Statements:
             where = functools.reduce(operator.and_, (field == "" for field in keys))
             sql = self._lookups[model] = model.select().where(where).sql()[0]
         return sql
+
+    def create(self, model: type[Model]) -> tuple[str, list[Field]]:
+        """INSERT of a new `model` row, every column but the id a parameter (in this order);
+        shared: nothing if another node made it first, else its id."""
+        found = self._creates.get(model)
+        if found is None:
+            fields = [f for f in model._meta.sorted_fields if not isinstance(f, AutoField)]
+            names = ", ".join(f'"{field.column_name}"' for field in fields)
+            marks = ", ".join([self.param] * len(fields))
+            sql = f'INSERT INTO "{model._meta.table_name}" ({names}) VALUES ({marks})'
+            if self.shared:
+                sql += ' ON CONFLICT DO NOTHING RETURNING "id"'
+            found = self._creates[model] = (sql, fields)
+        return found
 
     def increment(self, model: type[Model], field: str) -> str:
         table = model._meta.table_name
@@ -277,17 +292,25 @@ def _find_or_create(model: type[Model], keys: tuple[Field, ...],
                     values: dict) -> tuple[Model, bool]:
     """The row whose `keys` have the values in `values`, created from `values` if
     missing; True if created here."""
-    sql = _sql().lookup(model, keys)
+    sql = _sql()
+    lookup = sql.lookup(model, keys)
     params = [field.db_value(values[field.name]) for field in keys]
-    row = _first(model, sql, params)
+    row = _first(model, lookup, params)
     if row is not None:
         return row, False
-    if not _sql().shared:
-        return model.create(**values), True
+    # As Model.create, from SQL rendered once (peewee builds it in ~0.3 ms).
+    insert, fields = sql.create(model)
+    filled = {field.name: values.get(field.name, field.default) for field in fields}
+    cursor = database.execute_sql(insert, [field.db_value(filled[field.name])
+                                           for field in fields])
+    if not sql.shared:
+        return model(id=cursor.lastrowid, **filled), True
     # Another node may be creating it now: the INSERT waits for its commit and
     # then does nothing, and the second look finds its row.
-    created = model.insert(**values).on_conflict_ignore().execute() is not None
-    return _first(model, sql, params), created
+    created = cursor.fetchone()
+    if created is not None:
+        return model(id=created[0], **filled), True
+    return _first(model, lookup, params), False
 
 
 def _first(model: type[Model], sql: str, params: list) -> Model | None:
