@@ -96,7 +96,7 @@ def read_header(path: Path) -> Header:
                 with open(fd, "rb", closefd=False) as fp:
                     parsed = _parse(fp)
             ds, end = parsed
-            ts = str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
+            ts = Values(ds.file_meta).text("TransferSyntaxUID") or ExplicitVRLittleEndian
             if ts == DeflatedExplicitVRLittleEndian:
                 blob = encode_header(ds)
             else:
@@ -155,13 +155,10 @@ def _scan(head: bytes, size: int) -> tuple[Dataset, int] | None:
     meta = _elements(head, 132, size, implicit=False, meta=True)
     if meta is None:
         return None
-    file_meta = FileMetaDataset(meta[0])
     syntax = meta[0].get(0x00020010)
-    ts = UID(syntax.value.decode("ascii", "replace").rstrip("\0 ")) if syntax else None
-    if (ts is None or not ts.is_transfer_syntax or not ts.is_little_endian
-            or ts == DeflatedExplicitVRLittleEndian):
+    implicit = _implicit_vr(syntax.value) if syntax else None
+    if implicit is None:
         return None  # guessed, big endian, deflated or private: as pydicom reads it
-    implicit = ts.is_implicit_VR
     start = meta[1]
     if start + 6 <= len(head):  # as pydicom: a data set whose first VR says otherwise is not ours
         explicit_vr = 0x40 < head[start + 4] < 0x5B and 0x40 < head[start + 5] < 0x5B
@@ -172,10 +169,20 @@ def _scan(head: bytes, size: int) -> tuple[Dataset, int] | None:
         return None
     elements, end = found
     ds = Dataset(elements)
-    ds.file_meta = file_meta
+    ds.file_meta = FileMetaDataset(meta[0])
     ds.set_original_encoding(implicit, True, Values(ds).encodings)
     _decode_fallible(ds, elements.values())
     return ds, end
+
+
+@functools.lru_cache(maxsize=64)
+def _implicit_vr(syntax: bytes) -> bool | None:
+    """For a Transfer Syntax UID's value: whether its data set is Implicit VR, if it is
+    a Little Endian syntax pydicom knows, not deflated; else None."""
+    ts = UID(syntax.decode("ascii", "replace").rstrip("\0 "))
+    if not ts.is_transfer_syntax or not ts.is_little_endian or ts == DeflatedExplicitVRLittleEndian:
+        return None
+    return ts.is_implicit_VR
 
 
 def _elements(head: bytes, pos: int, size: int, implicit: bool,
@@ -365,8 +372,14 @@ class Values:
     def encodings(self) -> list[str]:
         """Python codecs for the header's Specific Character Set (0008,0005)."""
         if self._encodings is None:
-            self._encodings = convert_encodings(self.text("SpecificCharacterSet").split("\\"))
+            self._encodings = list(_codecs(self.text("SpecificCharacterSet")))
         return self._encodings
+
+
+@functools.lru_cache(maxsize=256)
+def _codecs(charset: str) -> tuple[str, ...]:
+    """Python codecs for a Specific Character Set value (the same few on every instance)."""
+    return tuple(convert_encodings(charset.split("\\")))
 
 
 @functools.cache
