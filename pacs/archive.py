@@ -88,13 +88,11 @@ class Archive:
         open_database(config.database.url, durable=config.storage.fsync)
         self._writer = IndexWriter(keep_existing=config.storage.on_duplicate == "keep")
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
-        self._committer: GroupCommitter[InstanceRecord, Written] = GroupCommitter(self._commit)
+        self._committer: GroupCommitter[InstanceRecord, Written] = GroupCommitter(
+            self._writer.write)
 
     def close(self) -> None:
         close_database()
-
-    def _commit(self, records: Sequence[InstanceRecord]) -> list[Written]:
-        return self._writer.write(records)
 
     def _lock_for(self, sop_uid: str) -> threading.Lock:
         digest = hashlib.blake2b(sop_uid.encode(), digest_size=2).digest()

@@ -40,12 +40,11 @@ BULK_LIMIT = 1 << 20
 HEAD_BYTES = 64 * 1024  # holds the header of nearly every instance
 _PIXEL_GROUP = 0x7FE00000
 _UNDEFINED = 0xFFFFFFFF
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _SEQ_DELIMITER = 0xFFFEE0DD
 _ITEM, _ITEM_DELIMITER = 0xFFFEE000, 0xFFFEE00D
 _ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) encoded Little Endian
 _SHORT_VRS = {vr.encode(): vr for vr in EXPLICIT_VR_LENGTH_16}
-_LONG_VRS_STR = {vr.encode(): vr for vr in EXPLICIT_VR_LENGTH_32}
+_LONG_VRS = {vr.encode(): vr for vr in EXPLICIT_VR_LENGTH_32}  # 32-bit length after 2 reserved
 _TAG_LENGTH = struct.Struct("<HHI")  # group, element, 32-bit length (Implicit VR, items)
 _EXPLICIT_SHORT = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length
 _BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW"})
@@ -236,7 +235,7 @@ def _element_head(head: bytes, pos: int,
     vr = _SHORT_VRS.get(raw_vr)
     if vr is not None:
         return tag, vr, length, 8
-    vr = _LONG_VRS_STR.get(raw_vr)
+    vr = _LONG_VRS.get(raw_vr)
     if vr is None or pos + 12 > len(head):
         return None
     return tag, vr, int.from_bytes(head[pos + 8:pos + 12], "little"), 12
