@@ -21,10 +21,12 @@ file under a final name. Knows nothing of DICOM tags or the index.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
 import shutil
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +37,8 @@ SUFFIX = ".dcm"
 _NAME = re.compile(r"[0-9a-f]{64}\.dcm")
 _FINAL_DEPTHS = (2, 4)  # folders above a final file: first layout, study/series layout
 _DURABLE_KEPT = 100_000  # folders remembered as synced into their parent
+_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS = 0x80086601, 0x40086602  # linux/fs.h
+_FS_TOPDIR_FL = 0x00020000  # "top of directory hierarchies" (chattr +T)
 
 
 class StoreWriteError(OSError):
@@ -53,7 +57,9 @@ class FileStore:
     def prepare(self) -> None:
         """Create the root and staging folders; raise StoreWriteError if impossible."""
         try:
-            self.staging.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            _spread_subfolders(self.root)
+            self.staging.mkdir(exist_ok=True)
         except OSError as exc:
             raise StoreWriteError(exc.errno, f"cannot create {self.staging}: {exc.strerror}") from None
 
@@ -197,6 +203,35 @@ class FileStore:
         """Free bytes available to us on the store's filesystem."""
         target = self.root if self.root.exists() else self.root.parent
         return shutil.disk_usage(target).free
+
+
+def _spread_subfolders(folder: Path) -> None:
+    """Mark `folder` as a top of directory hierarchies (`chattr +T`), where the filesystem
+    takes that hint (ext2/3/4); elsewhere nothing changes.
+
+    ext4 puts a new file's inode in its folder's flex group, and a new folder in
+    its parent's, so every folder and file of a store would share the flex group
+    of the store's parent. Without a journal, ext4 also skips, one by one from
+    the start of the group, every inode freed in the last 5 s (300 s while its
+    inode table block is dirty) on each allocation: after 6,000 files were
+    deleted nearby, creating a file took 430 us instead of 30 (measured on the
+    bench machine), and a store shares its parent's group with whatever else
+    comes and goes there. With the hint, as for /home, the root's subfolders
+    (staging, where received files are made, and the study buckets) are spread
+    over the disk's flex groups by the Orlov allocator.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        flags = struct.unpack("i", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(4)))[0]
+        if not flags & _FS_TOPDIR_FL:
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("i", flags | _FS_TOPDIR_FL))
+    except OSError:
+        pass  # no such flags here (tmpfs, XFS, btrfs), or not ours to change
+    finally:
+        os.close(fd)
 
 
 def _digest(key: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -106,8 +107,10 @@ def fresh_schema(url: str) -> Iterator[str]:
 
 
 @contextmanager
-def run_nodes(work: Path, count: int, database_url: str, fsync: str) -> Iterator[list[int]]:
-    """`count` `pacs serve` processes on one store and index; their ports once all answer."""
+def run_nodes(work: Path, count: int, database_url: str,
+              fsync: str) -> Iterator[tuple[list[int], list[int]]]:
+    """`count` `pacs serve` processes on one store and index; once all answer, their ports
+    and the PIDs of all their processes (supervisors and workers)."""
     ports = [free_port() for _ in range(count)]
     servers = []
     try:
@@ -123,7 +126,7 @@ def run_nodes(work: Path, count: int, database_url: str, fsync: str) -> Iterator
                 start_new_session=True))
         for port in ports:
             wait_ready(port)
-        yield ports
+        yield ports, [pid for s in servers for pid in (s.pid, *children(s.pid))]
         for number, server in enumerate(servers):
             workers = [peak_rss_mb(child) for child in children(server.pid)]
             print(f"peak RSS node {number}: main {peak_rss_mb(server.pid):.0f} MB, workers "
@@ -160,6 +163,16 @@ def store(groups: list[list[Path]], ports: list[int]) -> tuple[float, int]:
     return elapsed, failed
 
 
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds these processes have used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        user, system = user + int(fields[11]) / tick, system + int(fields[12]) / tick
+    return user, system
+
+
 def count_files(folders: list[Path]) -> int:
     return sum(len(files) for f in folders for _, _, files in os.walk(f))
 
@@ -184,16 +197,25 @@ def main() -> int:
     bulk_dir, patients = make_data(args.data_dir, args.bulk, args.many)
     index = fresh_schema(args.database_url) if postgres else nullcontext(args.database_url)
     with tempfile.TemporaryDirectory(prefix="pacs-bench-") as work, index as database_url, \
-            run_nodes(Path(work), args.nodes, database_url, args.fsync) as ports:
+            run_nodes(Path(work), args.nodes, database_url, args.fsync) as (ports, pids):
         for name, groups in (
             ("bulk", [[bulk_dir]]),
             ("many", [patients[i::args.parallel] for i in range(args.parallel)]),
         ):
             count = count_files([p for g in groups for p in g])
+            server_before = cpu_seconds(pids)
+            clients_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             seconds, failed = store(groups, [ports[i % len(ports)] for i in range(len(groups))])
+            server = [b - a for a, b in zip(server_before, cpu_seconds(pids))]
+            clients = resource.getrusage(resource.RUSAGE_CHILDREN)
+            clients = (clients.ru_utime - clients_before.ru_utime,
+                       clients.ru_stime - clients_before.ru_stime)
             print(f"STORE-{name}: {count} instances in {seconds:.2f} s = {count / seconds:.0f}"
                   f" inst/s, {len(groups)} assoc, {min(len(groups), len(ports))} node(s), "
                   f"{'PostgreSQL' if postgres else 'SQLite'}, fsync {args.fsync}, failed {failed}")
+            print(f"  CPU ms per instance: server {1000 * server[0] / count:.2f} user + "
+                  f"{1000 * server[1] / count:.2f} system, storescu {1000 * clients[0] / count:.2f}"
+                  f" user + {1000 * clients[1] / count:.2f} system")
     return 0
 
 

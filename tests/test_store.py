@@ -1,7 +1,10 @@
 """C-ECHO and C-STORE through the real protocol: files on disk, index rows, counters."""
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import struct
 import subprocess
 from pathlib import Path
 
@@ -62,6 +65,33 @@ def test_store_files_rows_and_counters(node):
         datasets[0].StudyInstanceUID, patient.id, "\\CT\\", f"\\{CT}\\", 2, 6)
     assert {(s.series_uid, s.num_instances) for s in Series.select()} == {
         (ds.SeriesInstanceUID, 3) for ds in datasets}
+
+
+def _folder_flags(path: Path) -> int:
+    """Its inode flags (FS_IOC_GETFLAGS, what lsattr shows); 0x20000 is +T."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, 0x80086601, bytes(4)))[0]
+    finally:
+        os.close(fd)
+
+
+def test_store_root_spreads_its_folders_over_the_disk(node, tmp_path):
+    """chattr +T on the store root: ext4 spreads staging and the study buckets over its
+    flex groups instead of the one of the store's parent (pacs.filestore)."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    fd = os.open(probe, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, 0x40086602, struct.pack("i", _folder_flags(probe) | 0x20000))
+    except OSError as exc:
+        pytest.skip(f"{tmp_path} takes no top-of-hierarchy flag (not ext2/3/4): {exc}")
+    finally:
+        os.close(fd)
+    assert [s.Status for s in send_datasets(node, make_study(series=1, per_series=2))] == [0, 0]
+    root = node.config.storage.root
+    assert _folder_flags(root) & 0x20000
+    assert not _folder_flags(root / ".staging") & 0x20000  # the hint is for the root only
 
 
 @needs_dcmtk
