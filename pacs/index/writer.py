@@ -42,19 +42,14 @@ class _Statements:
     def __init__(self) -> None:
         self.backend = database.obj
         param = self.backend.param
+        self.param = param
+        self.shared = isinstance(self.backend, PostgresqlDatabase)  # other nodes may write too
         self.columns = [Instance.series] + [
             Instance._meta.fields[name] for name in InstanceRecord.INSTANCE_FIELDS
         ]
-        names = ", ".join(f'"{field.column_name}"' for field in self.columns)
-        marks = ", ".join([param] * len(self.columns))
-        table = Instance._meta.table_name
-        self.insert = f'INSERT INTO "{table}" ({names}) VALUES ({marks})'
-        self.shared = isinstance(self.backend, PostgresqlDatabase)  # other nodes may write too
-        if self.shared:
-            self.insert += ' ON CONFLICT ("sop_uid") DO NOTHING RETURNING "id"'
-        self.find = (f'SELECT "id", "series_id", "path" FROM "{table}" '
+        self.insert = self._insert(Instance, self.columns, '("sop_uid")')
+        self.find = (f'SELECT "id", "series_id", "path" FROM "{Instance._meta.table_name}" '
                      f'WHERE "sop_uid" = {param}')
-        self.param = param
         self._lookups: dict[type[Model], str] = {}
         self._creates: dict[type[Model], tuple[str, list[Field]]] = {}
 
@@ -72,13 +67,18 @@ class _Statements:
         found = self._creates.get(model)
         if found is None:
             fields = [f for f in model._meta.sorted_fields if not isinstance(f, AutoField)]
-            names = ", ".join(f'"{field.column_name}"' for field in fields)
-            marks = ", ".join([self.param] * len(fields))
-            sql = f'INSERT INTO "{model._meta.table_name}" ({names}) VALUES ({marks})'
-            if self.shared:
-                sql += ' ON CONFLICT DO NOTHING RETURNING "id"'
-            found = self._creates[model] = (sql, fields)
+            found = self._creates[model] = (self._insert(model, fields), fields)
         return found
+
+    def _insert(self, model: type[Model], fields: list[Field], conflict: str = "") -> str:
+        """INSERT of `fields` (one parameter each); shared: nothing on a conflict (on the
+        `conflict` columns, else any), else the new row's id."""
+        names = ", ".join(f'"{field.column_name}"' for field in fields)
+        marks = ", ".join([self.param] * len(fields))
+        sql = f'INSERT INTO "{model._meta.table_name}" ({names}) VALUES ({marks})'
+        if self.shared:
+            sql += f' ON CONFLICT {conflict + " " if conflict else ""}DO NOTHING RETURNING "id"'
+        return sql
 
     def increment(self, model: type[Model], field: str) -> str:
         table = model._meta.table_name
