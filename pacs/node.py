@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import queue
 import signal
 import socket
 import threading
@@ -173,6 +172,24 @@ class Node:
         receive_into(None)
 
 
+def _signal_pipe() -> tuple[socket.socket, socket.socket]:
+    """(reader, writer): the reader yields one byte, the signal number, per SIGTERM,
+    SIGINT or SIGHUP; the writer must stay open as long as it is read.
+
+    The kernel hands a process's signal to any thread that does not block it,
+    often a pynetdicom thread, and Python then only flags it for the main
+    thread, which a blocking wait does not notice: a SIGTERM could go unheard
+    until the next one (seen under load). The wakeup fd is written by whichever
+    thread catches the signal, so reading it never misses one.
+    """
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda _signum, _frame: None)  # the wakeup fd does the work
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    return reader, writer
+
+
 def serve(config: Config, channel_fd: int | None = None) -> int:
     """Run the node in the foreground until SIGTERM or SIGINT; return the exit code.
 
@@ -182,16 +199,14 @@ def serve(config: Config, channel_fd: int | None = None) -> int:
     """
     archive = Archive(config)
     node = Node(config, archive)
-    signals: queue.SimpleQueue[int] = queue.SimpleQueue()  # put() is safe in a signal handler
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda signum, _frame: signals.put(signum))
+    signals, _writer = _signal_pipe()
     # A supervisor starts its workers with SIGHUP blocked, so that a reload
-    # cannot kill one before this handler is in place; a held one arrives now.
+    # cannot kill one before the handler is in place; a held one arrives now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     channel = socket.socket(fileno=channel_fd) if channel_fd is not None else None
     node.start(channel)
     notify("READY=1")  # workers have no $NOTIFY_SOCKET: the supervisor tells systemd
-    while signals.get() == signal.SIGHUP:
+    while signals.recv(1)[0] == signal.SIGHUP:
         notify("RELOADING=1")
         node.live.reload()
         notify("READY=1")

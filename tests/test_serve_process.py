@@ -1,6 +1,8 @@
 """`pacs serve` as a process: SIGTERM stops it cleanly without losing a store in flight."""
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 import socket
 import time
@@ -72,6 +74,23 @@ def test_sigterm_when_idle_exits_0(serve_process):
     started = time.monotonic()
     assert proc.terminate(timeout=20) == 0
     assert time.monotonic() - started < 5
+
+
+def signal_a_thread_not_main(pid: int, signum: int) -> None:
+    """What the kernel may do with a process's signal: give it to any thread that takes it."""
+    tid = max(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    if ctypes.CDLL(None, use_errno=True).tgkill(pid, tid, signum) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
+def test_signals_caught_by_another_thread_still_reload_and_stop(serve_process):
+    """A blocking wait in the main thread does not see a signal another thread caught."""
+    proc = serve_process()
+    signal_a_thread_not_main(proc.proc.pid, signal.SIGHUP)
+    assert wait_for(lambda: "reloaded remote_aes" in proc.log_text()), proc.log_text()
+    signal_a_thread_not_main(proc.proc.pid, signal.SIGTERM)
+    assert proc.proc.wait(20) == 0
+    assert "stopped" in proc.log_text().splitlines()[-1]
 
 
 def test_busy_port_is_one_line_and_exit_2(tmp_path):
