@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification
 
+from pacs.filestore import FileStore
 from pacs.index.models import Instance, Patient, Series, Study
 from tests.conftest import (
     DCMTK, associate, dataset_bytes, delete_index, needs_dcmtk, run_pacs, send_datasets,
@@ -76,9 +78,7 @@ def _folder_flags(path: Path) -> int:
         os.close(fd)
 
 
-def test_store_root_spreads_its_folders_over_the_disk(node, tmp_path):
-    """chattr +T on the store root: ext4 spreads staging and the study buckets over its
-    flex groups instead of the one of the store's parent (pacs.filestore)."""
+def _skip_without_topdir_flag(tmp_path) -> None:
     probe = tmp_path / "probe"
     probe.mkdir()
     fd = os.open(probe, os.O_RDONLY | os.O_DIRECTORY)
@@ -88,10 +88,31 @@ def test_store_root_spreads_its_folders_over_the_disk(node, tmp_path):
         pytest.skip(f"{tmp_path} takes no top-of-hierarchy flag (not ext2/3/4): {exc}")
     finally:
         os.close(fd)
+
+
+def test_store_root_spreads_its_folders_over_the_disk(node, tmp_path):
+    """chattr +T on the store root: ext4 spreads staging and the study buckets over its
+    flex groups instead of the one of the store's parent (pacs.filestore)."""
+    _skip_without_topdir_flag(tmp_path)
     assert [s.Status for s in send_datasets(node, make_study(series=1, per_series=2))] == [0, 0]
     root = node.config.storage.root
     assert _folder_flags(root) & 0x20000
     assert not _folder_flags(root / ".staging") & 0x20000  # the hint is for the root only
+
+
+def test_a_new_store_puts_staging_somewhere_new(tmp_path):
+    """A store made where one was just deleted does not put its staging folder, where
+    every received file's inode is made, among the inodes just freed: ext4 places a
+    folder by its name, so staging is made under a random one, then renamed."""
+    _skip_without_topdir_flag(tmp_path)
+    places = set()
+    for _ in range(6):
+        store = FileStore(tmp_path / "store")
+        store.prepare()
+        assert sorted(os.listdir(store.root)) == [".staging"]
+        places.add(os.stat(store.staging).st_ino >> 17)  # ext4's default flex group: 2^17 inodes
+        shutil.rmtree(store.root)
+    assert len(places) > 1
 
 
 @needs_dcmtk
