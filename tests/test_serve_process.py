@@ -77,8 +77,9 @@ def test_sigterm_when_idle_exits_0(serve_process):
 
 
 def signal_a_thread_not_main(pid: int, signum: int) -> None:
-    """What the kernel may do with a process's signal: give it to any thread that takes it."""
-    tid = max(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    """What the kernel may do with a process's signal: give it to any thread that takes it
+    (here the oldest after the main one, a server thread that lives as long as the node)."""
+    tid = min(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
     if ctypes.CDLL(None, use_errno=True).tgkill(pid, tid, signum) != 0:
         raise OSError(ctypes.get_errno(), "tgkill")
 
