@@ -12,19 +12,23 @@ import random
 
 import pytest
 
-LONG = os.environ.get("PACS_LONG", "") not in ("", "0")
+def long_mode() -> bool:
+    """--long or PACS_LONG=1. Read when asked: pytest imports this file before its
+    configure hook turns --long into PACS_LONG when the suite is named on the
+    command line (`pytest tests/reliability --long`)."""
+    return os.environ.get("PACS_LONG", "") not in ("", "0")
 
 
 def scale(quick: int, long: int) -> int:
     """How many cycles or cases: `quick` by default, `long` with --long or PACS_LONG=1."""
-    return long if LONG else quick
+    return long if long_mode() else quick
 
 
 @pytest.fixture
 def seed(request) -> int:
     value = int(os.environ.get("PACS_SEED") or random.SystemRandom().randrange(2**32))
     print(f"{request.node.nodeid}: seed {value} (replay: PACS_SEED={value}); "
-          f"{'long' if LONG else 'quick'} mode")
+          f"{'long' if long_mode() else 'quick'} mode")
     return value
 
 
