@@ -12,6 +12,7 @@ import random
 
 import pytest
 
+
 def long_mode() -> bool:
     """--long or PACS_LONG=1. Read when asked: pytest imports this file before its
     configure hook turns --long into PACS_LONG when the suite is named on the
