@@ -25,6 +25,7 @@ from pacs.endpoints import binding, endpoints
 from pacs.handoff import start_channel_server, start_listening
 from pacs.live import LiveConfig
 from pacs.sdnotify import notify
+from pacs.signals import signal_pipe
 from pacs.index.postgres import releasing
 from pacs.services import dispatch
 from pacs.services.commitment import handle_commitment
@@ -172,24 +173,6 @@ class Node:
         receive_into(None)
 
 
-def _signal_pipe() -> tuple[socket.socket, socket.socket]:
-    """(reader, writer): the reader yields one byte, the signal number, per SIGTERM,
-    SIGINT or SIGHUP; the writer must stay open as long as it is read.
-
-    The kernel hands a process's signal to any thread that does not block it,
-    often a pynetdicom thread, and Python then only flags it for the main
-    thread, which a blocking wait does not notice: a SIGTERM could go unheard
-    until the next one (seen under load). The wakeup fd is written by whichever
-    thread catches the signal, so reading it never misses one.
-    """
-    reader, writer = socket.socketpair()
-    writer.setblocking(False)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda _signum, _frame: None)  # the wakeup fd does the work
-    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-    return reader, writer
-
-
 def serve(config: Config, channel_fd: int | None = None) -> int:
     """Run the node in the foreground until SIGTERM or SIGINT; return the exit code.
 
@@ -199,7 +182,7 @@ def serve(config: Config, channel_fd: int | None = None) -> int:
     """
     archive = Archive(config)
     node = Node(config, archive)
-    signals, _writer = _signal_pipe()
+    signals, _writer = signal_pipe()
     # A supervisor starts its workers with SIGHUP blocked, so that a reload
     # cannot kill one before the handler is in place; a held one arrives now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})

@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,6 +30,7 @@ from typing import Callable
 from pacs.config import Config, ConfigError, load
 from pacs.endpoints import binding, endpoints
 from pacs.sdnotify import notify
+from pacs.signals import signal_pipe
 
 log = logging.getLogger(__name__)
 CLOSED = b"c"           # worker -> supervisor: one association ended
@@ -179,32 +179,26 @@ def supervise(config: Config, count: int, extra_args: list[str]) -> int:
             listener = socket.create_server((config.host, endpoint.port), backlog=128)
         listener.setblocking(False)
         listeners[listener] = HANDOFF_TLS if endpoint.tls else HANDOFF
-    wake_r, wake_w = socket.socketpair()
-    stopping, reloading = threading.Event(), threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        (reloading if signum == signal.SIGHUP else stopping).set()
-        wake_w.send(b"x")
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    signals, _writer = signal_pipe()
     pool = _Pool(count, config.source, extra_args)
     for listener, tag in listeners.items():
         pool.selector.register(listener, selectors.EVENT_READ, tag)
         log.info("%s listening on %s:%d%s with %d workers", config.ae_title, config.host,
                  listener.getsockname()[1], " (TLS)" if tag == HANDOFF_TLS else "", count)
-    pool.selector.register(wake_r, selectors.EVENT_READ, "wake")
+    pool.selector.register(signals, selectors.EVENT_READ, "signals")
     notify("READY=1")
-    while not stopping.is_set():
+    stopping = False
+    while not stopping:
+        received = b""
         for key, _ in pool.selector.select(timeout=1.0):
             if key.data in (HANDOFF, HANDOFF_TLS):
                 pool.hand_off(key.fileobj, key.data)
-            elif key.data == "wake":
-                wake_r.recv(64)
+            elif key.data == "signals":
+                received = signals.recv(64)
             elif isinstance(key.data, _Worker):
                 pool.read_reports(key.data)
-        if reloading.is_set() and not stopping.is_set():
-            reloading.clear()
+        stopping = any(signum != signal.SIGHUP for signum in received)
+        if signal.SIGHUP in received and not stopping:
             notify("RELOADING=1")
             pool.reload()
             notify("READY=1")
