@@ -150,10 +150,19 @@ def database_url(backend) -> Iterator[str | None]:
         yield url
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody listens on now and not handed out before in this run: two
+    binds in a row can get the same ephemeral port (CI once got it for port and tls.port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def write_config(folder: Path, **overrides: object) -> Path:
